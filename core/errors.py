@@ -1,0 +1,50 @@
+"""The leasing core's error tree: every failure a caller must tell apart has its own type."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CatalogError",
+    "CoreError",
+    "InvalidUpstreamURL",
+    "NoUpstreamAvailable",
+    "PoolNotFound",
+    "UpstreamNotFound",
+]
+
+
+class CoreError(Exception):
+    """Base of every error raised by `core`."""
+
+
+class InvalidUpstreamURL(CoreError, ValueError):
+    """An upstream URL that cannot be used. The message names the URL, credentials redacted."""
+
+
+class PoolNotFound(CoreError, LookupError):
+    def __init__(self, pool: str) -> None:
+        super().__init__(f"unknown pool {pool!r}")
+        self.pool = pool
+
+
+class UpstreamNotFound(CoreError, LookupError):
+    def __init__(self, upstream_id: str) -> None:
+        super().__init__(f"unknown upstream {upstream_id!r}")
+        self.upstream_id = upstream_id
+
+
+class CatalogError(CoreError, ValueError):
+    """A catalog change that would leave the pools inconsistent (duplicate id, pool in use...)."""
+
+
+class NoUpstreamAvailable(CoreError):
+    """No upstream could be leased: none matches, or all were busy until the timeout.
+
+    `waited` tells the two apart for callers that answer differently (an empty pool is a
+    configuration problem; a busy one is load).
+    """
+
+    def __init__(self, pool: str, *, waited: float, reason: str) -> None:
+        super().__init__(f"no upstream available in pool {pool!r}: {reason}")
+        self.pool = pool
+        self.waited = waited
+        self.reason = reason

@@ -1,0 +1,302 @@
+"""The lease manager: the one door through which the gateway takes and gives back upstreams.
+
+It adds to storage what storage cannot do alone: waiting in line when every upstream is busy
+(a release hands its capacity straight to the first waiter that can use it, so newcomers never
+overtake the line), sessions that outlive a request, callbacks, and the sweeper that takes back
+expired leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from enum import StrEnum
+
+from core.clock import Clock, SystemClock
+from core.errors import CoreError, NoUpstreamAvailable
+from core.models import Lease, LeaseRequest, PoolStats
+from core.storage.interface import Storage
+
+__all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
+
+log = logging.getLogger("proxygate.leasing")
+
+
+class LeaseEventKind(StrEnum):
+    ACQUIRED = "acquired"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True, frozen=True)
+class LeaseEvent:
+    kind: LeaseEventKind
+    lease: Lease
+    #: Seconds the acquirer waited in line (0.0 for release events).
+    waited: float
+    #: Seconds the lease had been held (0.0 for acquire events).
+    held: float
+    stats: PoolStats
+
+
+LeaseCallback = Callable[[LeaseEvent], None]
+
+
+class _Waiter:
+    __slots__ = ("future", "request", "serving")
+
+    def __init__(self, request: LeaseRequest, future: asyncio.Future[Lease]) -> None:
+        self.request = request
+        self.future = future
+        self.serving = False
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock | None = None,
+        instance_id: str | None = None,
+        sweep_interval: float = 1.0,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock or SystemClock()
+        self.instance_id = instance_id or f"gw-{secrets.token_hex(6)}"
+        self.sweep_interval = sweep_interval
+        #: How often a waiter re-tries on its own when other processes share the storage.
+        self.poll_interval = poll_interval
+        self.double_releases = 0
+        self._waiters: dict[str, deque[_Waiter]] = {}
+        self._on_acquire: list[LeaseCallback] = []
+        self._on_release: list[LeaseCallback] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="lease-sweeper")
+
+    async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def __aenter__(self) -> LeaseManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    def on_acquire(self, callback: LeaseCallback) -> None:
+        self._on_acquire.append(callback)
+
+    def on_release(self, callback: LeaseCallback) -> None:
+        """Called for releases and for expiries (`LeaseEvent.kind` tells which)."""
+        self._on_release.append(callback)
+
+    # -- leasing ------------------------------------------------------------------------------
+
+    async def acquire(self, request: LeaseRequest, timeout: float) -> Lease:
+        """Lease an upstream, waiting in line up to `timeout` seconds while all are busy.
+
+        Raises PoolNotFound, or NoUpstreamAvailable (at once when nothing could ever match,
+        after `timeout` when everything stayed busy).
+        """
+        lease = await self.storage.acquire(request, holder=self.instance_id, now=self.clock.now())
+        if lease is not None:
+            if not self._waiters.get(request.pool):
+                if self._on_acquire:
+                    await self._emit(self._on_acquire, LeaseEventKind.ACQUIRED, lease, 0.0, 0.0)
+                return lease
+            # Others were already waiting: the capacity is offered to them first, then to us,
+            # in line.
+            await self.storage.release(lease)
+        started = time.perf_counter()
+        lease = await self._wait(request, timeout, started, offer=lease is not None)
+        if self._on_acquire:
+            waited = time.perf_counter() - started
+            await self._emit(self._on_acquire, LeaseEventKind.ACQUIRED, lease, waited, 0.0)
+        return lease
+
+    async def release(self, lease: Lease) -> bool:
+        """Give a lease back. A second release of the same lease changes nothing: it returns
+        False and is counted in `double_releases`."""
+        if not await self.storage.release(lease):
+            self.double_releases += 1
+            log.debug("lease %s released twice (or after it expired)", lease.id)
+            return False
+        if self._waiters.get(lease.pool):
+            await self._handoff(lease.pool)
+        if self._on_release:
+            held = self.clock.now() - lease.acquired_at
+            await self._emit(self._on_release, LeaseEventKind.RELEASED, lease, 0.0, held)
+        return True
+
+    async def renew(self, lease: Lease, duration: float | None) -> bool:
+        """Let a held lease live `duration` more seconds from now (None: until released)."""
+        expires_at = None if duration is None else self.clock.now() + duration
+        return await self.storage.renew(lease, expires_at)
+
+    async def touch(self, lease: Lease) -> bool:
+        """Mark a session's lease as just used, restarting its idle countdown."""
+        if lease.idle_ttl is None:
+            return True
+        return await self.renew(lease, lease.idle_ttl)
+
+    @asynccontextmanager
+    async def lease(self, request: LeaseRequest, timeout: float) -> AsyncIterator[Lease]:
+        """Hold a lease for the block: released on every exit, cancellation included.
+
+        A session's lease outlives the block (that is what a session is for); leaving the
+        block restarts its idle countdown instead.
+        """
+        lease = await self.acquire(request, timeout)
+        try:
+            yield lease
+        finally:
+            if lease.session is None:
+                await self.release(lease)
+            else:
+                await self.touch(lease)
+
+    def notify(self, pool: str) -> None:
+        """Capacity may have appeared without a release (upstreams added or re-admitted)."""
+        if self._waiters.get(pool):
+            asyncio.get_running_loop().create_task(self._handoff(pool), name=f"handoff-{pool}")
+
+    async def sweep(self) -> list[Lease]:
+        """Release expired leases now (the background sweeper calls this periodically)."""
+        expired = await self.storage.release_expired(self.clock.now())
+        for pool in {lease.pool for lease in expired}:
+            if self._waiters.get(pool):
+                await self._handoff(pool)
+        if self._on_release:
+            now = self.clock.now()
+            for lease in expired:
+                held = now - lease.acquired_at
+                await self._emit(self._on_release, LeaseEventKind.EXPIRED, lease, 0.0, held)
+        return expired
+
+    def waiting(self, pool: str) -> int:
+        return len(self._waiters.get(pool, ()))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _wait(
+        self, request: LeaseRequest, timeout: float, started: float, *, offer: bool
+    ) -> Lease:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(request, loop.create_future())
+        queue = self._waiters.setdefault(request.pool, deque())
+        queue.append(waiter)
+        try:
+            if offer:
+                await self._handoff(request.pool)
+            async with asyncio.timeout(timeout):
+                if not self.storage.shared:
+                    return await waiter.future
+                return await self._poll(waiter, queue)
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                return waiter.future.result()  # handed over just as time ran out
+            raise NoUpstreamAvailable(
+                request.pool,
+                waited=time.perf_counter() - started,
+                reason=f"every upstream stayed busy for {timeout:g}s",
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                await self.release(waiter.future.result())
+            raise
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+            with suppress(ValueError):
+                queue.remove(waiter)
+            if not queue and self._waiters.get(request.pool) is queue:
+                del self._waiters[request.pool]
+
+    async def _poll(self, waiter: _Waiter, queue: deque[_Waiter]) -> Lease:
+        """Wait for a hand-over, and at the head of the line also try now and then: other
+        processes release without telling us."""
+        while True:
+            await asyncio.wait((waiter.future,), timeout=self.poll_interval)
+            if waiter.future.done():
+                return waiter.future.result()
+            if queue[0] is waiter and not waiter.serving:
+                lease = await self.storage.acquire(
+                    waiter.request, holder=self.instance_id, now=self.clock.now()
+                )
+                if lease is not None:
+                    return lease
+
+    async def _handoff(self, pool: str) -> None:
+        """Offer freed capacity to the waiters of `pool` in arrival order; the first that can
+        use it gets it."""
+        queue = self._waiters.get(pool)
+        if not queue:
+            return
+        tried_unfiltered = False
+        for waiter in list(queue):
+            if waiter.future.done() or waiter.serving:
+                continue
+            unfiltered = waiter.request.filters is None and waiter.request.session is None
+            if unfiltered and tried_unfiltered:
+                continue  # an unfiltered waiter already found nothing: none will
+            tried_unfiltered |= unfiltered
+            waiter.serving = True
+            try:
+                lease = await self.storage.acquire(
+                    waiter.request, holder=self.instance_id, now=self.clock.now()
+                )
+            except CoreError as exc:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
+                continue
+            finally:
+                waiter.serving = False
+            if lease is None:
+                continue
+            if waiter.future.done():  # it gave up while we were leasing for it
+                await self.storage.release(lease)
+                continue
+            waiter.future.set_result(lease)
+            return
+
+    async def _emit(
+        self,
+        callbacks: list[LeaseCallback],
+        kind: LeaseEventKind,
+        lease: Lease,
+        waited: float,
+        held: float,
+    ) -> None:
+        stats = await self.storage.stats(lease.pool, self.clock.now())
+        event = LeaseEvent(kind, lease, waited, held, stats)
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("lease %s callback failed", kind.value)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("lease sweep failed; trying again in %gs", self.sweep_interval)

@@ -1,0 +1,204 @@
+"""The leasing core's data: plain slotted dataclasses, validated where data enters, not here."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from core.endpoints import Endpoint, Scheme, parse_upstream_url
+
+if TYPE_CHECKING:
+    from core.filters import Filter
+
+__all__ = [
+    "Consumer",
+    "HealthStatus",
+    "Lease",
+    "LeaseRequest",
+    "Outcome",
+    "Pool",
+    "PoolStats",
+    "Selector",
+    "Upstream",
+    "upstream_id_for",
+]
+
+
+class Selector(StrEnum):
+    FIRST_AVAILABLE = "first_available"
+    LEAST_USED = "least_used"
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    LOWEST_LATENCY = "lowest_latency"
+    WEIGHTED = "weighted"
+
+
+class HealthStatus(StrEnum):
+    ACTIVE = "active"
+    EJECTED = "ejected"
+
+
+class Outcome(StrEnum):
+    """How one attempt through an upstream ended."""
+
+    OK = "ok"
+    CONNECT_REFUSED = "connect_refused"
+    CONNECT_TIMEOUT = "connect_timeout"
+    PROXY_AUTH_FAILED = "proxy_auth_failed"
+    PROXY_ERROR = "proxy_error"
+    TLS_ERROR = "tls_error"
+    RESET = "reset"
+    READ_TIMEOUT = "read_timeout"
+    # The target's fault, seen through a working upstream: never held against the upstream.
+    TARGET_REFUSED = "target_refused"
+    TARGET_UNREACHABLE = "target_unreachable"
+    TARGET_ERROR = "target_error"
+
+    @property
+    def counts_against_upstream(self) -> bool:
+        return self in _UPSTREAM_FAULTS
+
+    @property
+    def is_target_fault(self) -> bool:
+        return self in _TARGET_FAULTS
+
+
+_UPSTREAM_FAULTS = frozenset(
+    {
+        Outcome.CONNECT_REFUSED,
+        Outcome.CONNECT_TIMEOUT,
+        Outcome.PROXY_AUTH_FAILED,
+        Outcome.PROXY_ERROR,
+        Outcome.TLS_ERROR,
+    }
+)
+_TARGET_FAULTS = frozenset(
+    {Outcome.TARGET_REFUSED, Outcome.TARGET_UNREACHABLE, Outcome.TARGET_ERROR}
+)
+
+
+@dataclass(slots=True)
+class Pool:
+    name: str
+    selector: Selector = Selector.ROUND_ROBIN
+    sticky_ttl: float = 600.0
+    retries: int = 2
+    #: Leases allowed at once per upstream, unless the upstream sets its own; None is unlimited.
+    max_concurrency: int | None = None
+    description: str = ""
+
+
+def upstream_id_for(pool: str, endpoint: Endpoint) -> str:
+    """A short id, stable across processes, that can be shown where the address must not be."""
+    digest = hashlib.blake2b(f"{pool}\n{endpoint.url()}".encode(), digest_size=6).hexdigest()
+    return f"up-{digest}"
+
+
+@dataclass(slots=True, eq=False)
+class Upstream:
+    """One way out, and what is known of its health.
+
+    Storage hands these out; callers treat them as read-only and change them through storage.
+    """
+
+    endpoint: Endpoint
+    pool: str
+    id: str = ""
+    country: str | None = None
+    city: str | None = None
+    asn: int | None = None
+    isp: str | None = None
+    source: str | None = None
+    tags: frozenset[str] = frozenset()
+    weight: float = 1.0
+    #: Overrides the pool's `max_concurrency` when set.
+    max_concurrency: int | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    # Health, written by `Storage.record_outcome` and ejection.
+    status: HealthStatus = HealthStatus.ACTIVE
+    failure_streak: int = 0
+    latency_ewma: float | None = None
+    last_error: str | None = None
+    checked_at: float | None = None
+    ejected_until: float | None = None
+    times_ejected: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = upstream_id_for(self.pool, self.endpoint)
+        if self.country is not None:
+            self.country = self.country.upper()
+
+    @classmethod
+    def from_url(cls, url: str, pool: str, **attributes: object) -> Upstream:
+        return cls(parse_upstream_url(url), pool, **attributes)  # type: ignore[arg-type]
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.endpoint.scheme
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.id!r}, {self.endpoint.redacted()!r}, pool={self.pool!r})"
+
+
+@dataclass(slots=True, frozen=True)
+class Consumer:
+    """Who holds leases: a gateway account, or `default`."""
+
+    name: str = "default"
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """The right to use one upstream until released or, if `expires_at` is set, until then."""
+
+    id: str
+    upstream: Upstream
+    pool: str
+    consumer: str
+    session: str | None
+    acquired_at: float
+    expires_at: float | None
+    holder: str
+    #: A session's idle lifetime: each use pushes `expires_at` to now plus this.
+    idle_ttl: float | None = None
+    #: How many acquires this lease has served: more than one for a session's lease.
+    uses: int = 1
+
+    @property
+    def upstream_id(self) -> str:
+        return self.upstream.id
+
+
+@dataclass(slots=True)
+class LeaseRequest:
+    pool: str
+    consumer: str = "default"
+    #: A client-chosen id: requests with the same (pool, consumer, session) share one lease.
+    session: str | None = None
+    filters: Filter | None = None
+    selector: Selector | None = None
+    #: Seconds until the lease expires; None holds it until released.
+    duration: float | None = None
+    #: Idle lifetime of a session; None takes the pool's `sticky_ttl`.
+    session_ttl: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class PoolStats:
+    pool: str
+    total: int
+    #: Not ejected.
+    active: int
+    #: Not ejected and under their concurrency limit: could be leased now.
+    available: int
+    #: Upstreams holding at least one lease.
+    leased: int
+    ejected: int
+    leases_held: int
+    #: Leases granted since the pool was created (a session's lease counts once).
+    total_leases: int
+    collected_at: float

@@ -1,0 +1,17 @@
+"""Suite-wide settings: optional dependencies skip here, and fail instead when CI demands them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+#: Set by CI: a test that would skip for a missing service or program fails instead.
+REQUIRE_ALL = os.environ.get("PROXYGATE_REQUIRE_ALL", "") not in ("", "0")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip locally when something optional is missing; fail where CI said it must be there."""
+    if REQUIRE_ALL:
+        pytest.fail(f"{reason} (required because PROXYGATE_REQUIRE_ALL is set)")
+    pytest.skip(reason)

@@ -1,0 +1,288 @@
+"""The lease manager over every storage adapter: waiting, timeouts, scope, callbacks, sweeping."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+
+from core.clock import ManualClock
+from core.errors import NoUpstreamAvailable, PoolNotFound
+from core.filters import Filter
+from core.leasing import LeaseEvent, LeaseEventKind, LeaseManager
+from core.models import Lease, LeaseRequest, Pool
+from core.storage.interface import Storage
+from tests.core.conftest import make_pool, upstream
+
+
+async def until_waiting(manager: LeaseManager, pool: str, count: int) -> None:
+    """Yield to the loop until `count` acquirers are queued (no wall-clock sleeping)."""
+    for _ in range(1000):
+        if manager.waiting(pool) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{manager.waiting(pool)} waiters, expected {count}")
+
+
+async def test_200_concurrent_acquirers_never_exceed_max_concurrency(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 4, max_concurrency=2)
+    in_use: collections.Counter[str] = collections.Counter()
+    peak = 0
+    served = 0
+
+    async def worker() -> None:
+        nonlocal peak, served
+        async with manager.lease(LeaseRequest("p"), timeout=30.0) as lease:
+            in_use[lease.upstream.id] += 1
+            peak = max(peak, max(in_use.values()))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            in_use[lease.upstream.id] -= 1
+            served += 1
+
+    await asyncio.gather(*(worker() for _ in range(200)))
+    assert served == 200
+    assert peak == 2
+    assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_waiters_are_served_first_come_first_served(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    holding = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    order: list[int] = []
+
+    async def waiter(number: int) -> None:
+        lease = await manager.acquire(LeaseRequest("p"), timeout=30.0)
+        order.append(number)
+        await manager.release(lease)
+
+    tasks = []
+    for number in range(5):
+        tasks.append(asyncio.create_task(waiter(number)))
+        await until_waiting(manager, "p", number + 1)
+    await manager.release(holding)
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_a_newcomer_does_not_overtake_the_line(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    holding = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    first = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    await manager.release(holding)
+    # The capacity was handed to the waiter during release: a newcomer finds none.
+    with pytest.raises(NoUpstreamAvailable):
+        await manager.acquire(LeaseRequest("p"), timeout=0.0)
+    await manager.release(await first)
+
+
+async def test_a_waiter_whose_filter_does_not_fit_lets_the_next_one_through(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await storage.add_pool(Pool("p", max_concurrency=1))
+    await storage.add_upstreams([upstream(0, country="AR"), upstream(1, country="US")])
+    ar = await manager.acquire(LeaseRequest("p", filters=Filter(country="AR")), timeout=1.0)
+    us = await manager.acquire(LeaseRequest("p", filters=Filter(country="US")), timeout=1.0)
+    wants_ar = asyncio.create_task(
+        manager.acquire(LeaseRequest("p", filters=Filter(country="AR")), timeout=30.0)
+    )
+    await until_waiting(manager, "p", 1)
+    wants_us = asyncio.create_task(
+        manager.acquire(LeaseRequest("p", filters=Filter(country="US")), timeout=30.0)
+    )
+    await until_waiting(manager, "p", 2)
+    await manager.release(us)
+    assert (await wants_us).upstream.id == us.upstream.id
+    assert not wants_ar.done()
+    await manager.release(ar)
+    assert (await wants_ar).upstream.id == ar.upstream.id
+
+
+async def test_waiting_times_out_with_a_typed_error(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    with pytest.raises(NoUpstreamAvailable) as caught:
+        await manager.acquire(LeaseRequest("p"), timeout=0.05)
+    assert caught.value.waited >= 0.04
+    assert "busy" in caught.value.reason
+    assert manager.waiting("p") == 0
+
+
+async def test_nothing_to_wait_for_fails_at_once(manager: LeaseManager, storage: Storage) -> None:
+    await storage.add_pool(Pool("empty"))
+    with pytest.raises(NoUpstreamAvailable) as caught:
+        await manager.acquire(LeaseRequest("empty"), timeout=30.0)
+    assert caught.value.waited == 0.0
+    with pytest.raises(PoolNotFound):
+        await manager.acquire(LeaseRequest("nowhere"), timeout=30.0)
+
+
+async def test_a_cancelled_waiter_leaves_the_line_and_leaks_nothing(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    holding = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    doomed = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert manager.waiting("p") == 0
+    await manager.release(holding)
+    assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_a_waiter_cancelled_after_the_handover_gives_the_lease_back(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    holding = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    doomed = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    await manager.release(holding)  # hands the lease to the waiter...
+    doomed.cancel()  # ...which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_the_lease_block_releases_on_error_and_cancellation(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 2)
+    with pytest.raises(RuntimeError):
+        async with manager.lease(LeaseRequest("p"), timeout=1.0):
+            raise RuntimeError("boom")
+    entered = asyncio.Event()
+
+    async def hold_forever() -> None:
+        async with manager.lease(LeaseRequest("p"), timeout=1.0):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold_forever())
+    await entered.wait()
+    assert (await storage.stats("p", 0)).leases_held == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_a_session_lease_outlives_the_block_and_restarts_its_idle_clock(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 4, sticky_ttl=60.0)
+    request = LeaseRequest("p", session="abc")
+    async with manager.lease(request, timeout=1.0) as first:
+        clock.advance(50.0)
+    assert first.expires_at == clock.now() + 60.0
+    clock.advance(50.0)
+    async with manager.lease(request, timeout=1.0) as second:
+        assert second.id == first.id
+    clock.advance(61.0)
+    assert [lease.id for lease in await manager.sweep()] == [first.id]
+    async with manager.lease(request, timeout=1.0) as third:
+        assert third.id != first.id
+
+
+async def test_double_release_is_counted_and_changes_nothing(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1)
+    lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    assert await manager.release(lease) is True
+    assert await manager.release(lease) is False
+    assert manager.double_releases == 1
+    assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_renew_and_sweep_with_a_stepped_clock(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    lease = await manager.acquire(LeaseRequest("p", duration=10.0), timeout=1.0)
+    clock.advance(8.0)
+    assert await manager.renew(lease, 10.0)
+    clock.advance(8.0)
+    assert await manager.sweep() == []
+    clock.advance(2.0)
+    assert [e.id for e in await manager.sweep()] == [lease.id]
+    assert await manager.renew(lease, 10.0) is False
+
+
+async def test_expiry_hands_capacity_to_a_waiter(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    await manager.acquire(LeaseRequest("p", duration=5.0), timeout=1.0)
+    waiter = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    clock.advance(5.0)
+    await manager.sweep()
+    await manager.release(await waiter)
+
+
+async def test_the_background_sweeper_runs_on_its_own(storage: Storage) -> None:
+    clock = ManualClock()
+    await make_pool(storage, 1)
+    async with LeaseManager(storage, clock=clock, sweep_interval=0.01) as manager:
+        await manager.acquire(LeaseRequest("p", duration=1.0), timeout=1.0)
+        clock.advance(2.0)
+        for _ in range(500):
+            if (await storage.stats("p", 0)).leases_held == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await storage.stats("p", 0)).leases_held == 0
+
+
+async def test_notify_wakes_waiters_when_upstreams_are_added(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    waiter = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    await storage.add_upstreams([upstream(99)])
+    manager.notify("p")
+    assert (await waiter).upstream.id == upstream(99).id
+
+
+async def test_callbacks_see_timing_and_a_stats_snapshot(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 2)
+    events: list[LeaseEvent] = []
+    manager.on_acquire(events.append)
+    manager.on_release(events.append)
+    manager.on_acquire(lambda _: (_ for _ in ()).throw(ValueError("a broken callback")))
+    lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    clock.advance(3.0)
+    await manager.release(lease)
+    acquired, released = events
+    assert (acquired.kind, acquired.lease, acquired.waited) == (LeaseEventKind.ACQUIRED, lease, 0.0)
+    assert acquired.stats.leases_held == 1
+    assert (released.kind, released.held) == (LeaseEventKind.RELEASED, 3.0)
+    assert released.stats.leases_held == 0
+
+
+async def test_callbacks_report_expiry(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 1)
+    events: list[LeaseEvent] = []
+    manager.on_release(events.append)
+    lease: Lease = await manager.acquire(LeaseRequest("p", duration=1.0), timeout=1.0)
+    clock.advance(1.0)
+    await manager.sweep()
+    assert [(e.kind, e.lease.id) for e in events] == [(LeaseEventKind.EXPIRED, lease.id)]
