@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of proxygate; not part of the installed package."""
