@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from core.clock import Clock, SystemClock
 from core.errors import CoreError, NoUpstreamAvailable
-from core.models import Lease, LeaseRequest, PoolStats
+from core.models import Lease, LeaseRequest, Outcome, PoolStats
 from core.storage.interface import Storage
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
@@ -172,6 +172,10 @@ class LeaseManager:
                 await self.release(lease)
             else:
                 await self.touch(lease)
+
+    async def report(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
+        """Feed one attempt's outcome into the upstream's health."""
+        await self.storage.record_outcome(upstream_id, outcome, latency, self.clock.now())
 
     def notify(self, pool: str) -> None:
         """Capacity may have appeared without a release (upstreams added or re-admitted)."""

@@ -15,6 +15,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 __all__ = ["BUFFER_LIMIT", "Channel", "ChannelClosed"]
 
@@ -68,8 +69,8 @@ class Channel(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Proxied traffic is latency-bound: small writes must not wait for Nagle.
@@ -92,8 +93,9 @@ class Channel(asyncio.Protocol):
         if self._on_eof is not None:
             self._on_eof()
         self._wake_reader()
-        # Keep our sending side open: EOF is one direction ending (half-close).
-        return True
+        # Keep our sending side open: EOF is one direction ending (half-close). TLS cannot
+        # half-close, and asyncio says so in the log if asked to.
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True

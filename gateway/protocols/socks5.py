@@ -118,9 +118,9 @@ _State = Callable[["Socks5Server", list[Socks5Event]], bool]
 class Socks5Server:
     """One client connection's SOCKS5 negotiation.
 
-    With `auth_required`, method 0x02 is the only one accepted. Without it, 0x00 is preferred,
-    but a client offering only 0x02 gets it and its credentials are passed up anyway (the
-    username may carry routing parameters).
+    With `auth_required`, method 0x02 is the only one accepted. Without it, 0x02 is still
+    chosen whenever offered, and the credentials passed up: a client only offers them when it
+    has some, and the username may carry routing parameters. Otherwise 0x00.
     """
 
     __slots__ = ("_auth", "_auth_required", "_buf", "_error", "_method", "_state")
@@ -201,7 +201,7 @@ class Socks5Server:
         if len(buf) < end:
             return False
         methods = buf[2:end]
-        if _USER_PASS in methods and (self._auth_required or _NO_AUTH not in methods):
+        if _USER_PASS in methods:
             method = _USER_PASS
         elif _NO_AUTH in methods and not self._auth_required:
             method = _NO_AUTH

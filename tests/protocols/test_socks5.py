@@ -28,8 +28,9 @@ def auth_message(username: bytes, password: bytes) -> bytes:
     ("auth_required", "greeting", "method"),
     [
         (False, b"\x05\x01\x00", 0x00),
-        (False, b"\x05\x02\x00\x02", 0x00),
-        (False, b"\x05\x02\x02\x00", 0x00),
+        # Credentials offered are taken even when not required: the username routes.
+        (False, b"\x05\x02\x00\x02", 0x02),
+        (False, b"\x05\x02\x02\x00", 0x02),
         (False, b"\x05\x01\x02", 0x02),  # only user/pass offered: accepted, credentials passed up
         (True, b"\x05\x02\x00\x02", 0x02),
         (True, b"\x05\x03\x01\x02\x80", 0x02),

@@ -266,8 +266,16 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
     """Close `writer` and wait until its transport is gone, ignoring connection errors."""
     if not writer.is_closing():
         writer.close()
-    with contextlib.suppress(Exception):
+    try:
         await writer.wait_closed()
+    except asyncio.CancelledError:
+        # A cancelled handler that was awaiting the same close waiter cancels it for everyone;
+        # only our own cancellation is worth passing on.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        pass
 
 
 async def drain_forever(reader: asyncio.StreamReader) -> None:

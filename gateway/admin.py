@@ -1,0 +1,54 @@
+"""The admin HTTP API (aiohttp): health and per-pool statistics, bearer-token protected."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from core.leasing import LeaseManager
+
+__all__ = ["build_admin_app"]
+
+MANAGER = web.AppKey("manager", LeaseManager)
+
+
+def build_admin_app(manager: LeaseManager, *, token: str | None) -> web.Application:
+    middlewares: list[Middleware] = [_bearer_auth(token)] if token else []
+    app = web.Application(middlewares=middlewares)
+    app[MANAGER] = manager
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/api/stats", _stats)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    now = manager.clock.now()
+    pools = {}
+    for pool in await manager.storage.list_pools():
+        stats = asdict(await manager.storage.stats(pool.name, now))
+        stats["waiting"] = manager.waiting(pool.name)
+        pools[pool.name] = stats
+    return web.json_response({"pools": pools})
+
+
+def _bearer_auth(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise web.HTTPUnauthorized(
+                text="bearer token required\n", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return await handler(request)
+
+    return check

@@ -1,0 +1,178 @@
+"""The composition root: storage, lease manager, listeners and admin, started and stopped as one.
+
+`Gateway.stop()` drains: listeners stop accepting, open requests and tunnels get up to
+`drain_timeout` to finish, the rest are cancelled (every lease is released on the way out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+
+from config import Settings
+from core.clock import Clock
+from core.errors import CatalogError
+from core.leasing import LeaseManager
+from core.storage.interface import Storage
+from core.storage.memory import MemoryStorage
+from gateway.admin import build_admin_app
+from gateway.channel import Channel
+from gateway.connection import serve_connection
+from gateway.context import GatewayContext
+
+__all__ = ["Gateway", "StartupError"]
+
+log = logging.getLogger("proxygate")
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message says why."""
+
+
+class _ClientChannel(Channel):
+    """An accepted connection: serving starts as soon as the transport exists."""
+
+    __slots__ = ("_gateway", "_pool")
+
+    def __init__(self, gateway: Gateway, pool: str | None) -> None:
+        super().__init__(gateway.loop)
+        self._gateway = gateway
+        self._pool = pool
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._gateway.serve(self, self._pool)
+
+
+class Gateway:
+    def __init__(
+        self, settings: Settings, *, storage: Storage | None = None, clock: Clock | None = None
+    ) -> None:
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.storage = storage if storage is not None else open_storage(settings.storage.url)
+        self.manager = LeaseManager(self.storage, clock=clock)
+        self.listen_addresses: list[tuple[str, int]] = []
+        self.admin_address: tuple[str, int] | None = None
+        self._servers: list[asyncio.Server] = []
+        self._admin: web.AppRunner | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._context: GatewayContext | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def context(self) -> GatewayContext:
+        assert self._context is not None, "the gateway has not started"
+        return self._context
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(drain_timeout=0)
+            raise
+
+    async def _start(self) -> None:
+        await self.storage.open()
+        await self._load_catalog()
+        await self.manager.start()
+        wildcard_ports: set[int] = set()
+        for listener in self.settings.all_listeners():
+            server = await self._listen(listener.listen.host, listener.listen.port, listener.pool)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.listen_addresses.append((host, port))
+            if listener.listen.is_unspecified:
+                wildcard_ports.add(port)
+        admin = self.settings.admin
+        if admin.listen is not None:
+            self._admin = web.AppRunner(
+                build_admin_app(self.manager, token=admin.token), access_log=None
+            )
+            await self._admin.setup()
+            site = web.TCPSite(self._admin, admin.listen.host, admin.listen.port)
+            await site.start()
+            host, port = self._admin.addresses[-1][:2]
+            self.admin_address = (host, port)
+            if admin.listen.is_unspecified:
+                wildcard_ports.add(self.admin_address[1])
+        own = set(self.listen_addresses)
+        if self.admin_address is not None:
+            own.add(self.admin_address)
+        self._context = GatewayContext(
+            self.settings.gateway,
+            self.manager,
+            own_addresses=frozenset(own),
+            own_wildcard_ports=frozenset(wildcard_ports),
+        )
+        for server in self._servers:
+            await server.start_serving()
+        for host, port in self.listen_addresses:
+            log.info("listening on %s:%d", host, port)
+
+    async def _listen(self, host: str, port: int, pool: str | None) -> asyncio.Server:
+        try:
+            server = await self.loop.create_server(
+                lambda: _ClientChannel(self, pool),
+                host,
+                port,
+                reuse_address=True,
+                start_serving=False,
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._servers.append(server)
+        return server
+
+    async def _load_catalog(self) -> None:
+        for pool in self.settings.pools:
+            try:
+                await self.storage.add_pool(pool.to_pool())
+            except CatalogError:
+                await self.storage.update_pool(pool.to_pool())
+            known = {u.id for u in await self.storage.list_upstreams(pool.name)}
+            await self.storage.add_upstreams(u for u in pool.to_upstreams() if u.id not in known)
+
+    def serve(self, channel: Channel, pool: str | None) -> None:
+        if self._context is None:  # accepted during shutdown
+            channel.close()
+            return
+        task = self.loop.create_task(
+            serve_connection(self._context, channel, pool), name="client-connection"
+        )
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let open connections finish for `drain_timeout`, then end them."""
+        if drain_timeout is None:
+            drain_timeout = self.settings.gateway.drain_timeout
+        for server in self._servers:
+            server.close()
+        if self._connections:
+            log.info("draining %d open connections", len(self._connections))
+            await asyncio.wait(set(self._connections), timeout=drain_timeout or None)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await self.manager.close()
+        await self.storage.close()
+        self._stopped.set()
+
+
+def open_storage(url: str) -> Storage:
+    scheme = url.partition("://")[0]
+    if scheme == "memory":
+        return MemoryStorage()
+    raise StartupError(f"storage {scheme}:// is not available in this release; use memory://")

@@ -1,0 +1,185 @@
+"""What every client connection shares: settings, the lease manager, and the steps common to
+all protocols (authenticate, route, check the destination, lease and dial with retries)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+
+from config import GatewaySettings, Users
+from core.errors import NoUpstreamAvailable, PoolNotFound
+from core.filters import Filter
+from core.leasing import LeaseManager
+from core.models import Lease, LeaseRequest, Outcome
+from gateway.dial import Dialed, DialPolicy, dial
+from gateway.errors import (
+    AuthRequired,
+    DestinationDenied,
+    LoopDetected,
+    NoUpstream,
+    UnknownPool,
+    UpstreamError,
+)
+from gateway.routing import Route, UsernameParams, parse_username
+
+__all__ = ["GatewayContext", "Leased"]
+
+log = logging.getLogger("proxygate.gateway")
+
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(slots=True)
+class Leased:
+    """An upstream leased and dialed for one request or tunnel."""
+
+    lease: Lease
+    dialed: Dialed
+
+
+@dataclass(slots=True)
+class GatewayContext:
+    settings: GatewaySettings
+    manager: LeaseManager
+    #: Addresses the gateway itself listens on (listeners and admin): a request for one of
+    #: them would loop back into the gateway.
+    own_addresses: frozenset[tuple[str, int]] = frozenset()
+    #: Ports bound on a wildcard address: any local address with such a port is us.
+    own_wildcard_ports: frozenset[int] = frozenset()
+    policy: DialPolicy = field(init=False)
+    via: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = DialPolicy(
+            deny=tuple(self.settings.deny_destinations),
+            allowed_ports=frozenset(self.settings.connect_ports),
+            own_addresses=self.own_addresses,
+        )
+        self.via = f"1.1 {self.manager.instance_id} (proxygate)".encode()
+
+    @property
+    def users(self) -> Users:
+        return self.settings.users
+
+    @property
+    def auth_required(self) -> bool:
+        return len(self.settings.users) > 0
+
+    def authenticate(self, username: str | None, password: str | None) -> UsernameParams | None:
+        """Check gateway credentials; return the username's routing parameters.
+
+        Without configured users, credentials are optional and only route. The password
+        belongs to the account; the username may carry parameters after it.
+        """
+        if username is None:
+            if self.auth_required:
+                raise AuthRequired("proxy authentication required")
+            return None
+        params = parse_username(username)
+        if self.auth_required and not self.users.verify(params.account, password or ""):
+            raise AuthRequired("proxy authentication failed")
+        return params
+
+    def check_destination(self, host: str, port: int, *, tunnel: bool) -> None:
+        """Refuse loops and policy-denied destinations (literal IPs; names are checked after
+        resolution, and only for direct dials, by `gateway.dial`)."""
+        if tunnel and self.policy.allowed_ports and port not in self.policy.allowed_ports:
+            raise DestinationDenied(f"port {port} is not allowed for tunnels")
+        address = _ip_literal(host)
+        if host.lower() == "localhost":
+            address = ipaddress.ip_address("127.0.0.1")
+        if address is None:
+            return
+        if (str(address), port) in self.own_addresses or (
+            port in self.own_wildcard_ports and (address.is_loopback or address.is_unspecified)
+        ):
+            raise LoopDetected("the destination is this gateway")
+        if any(address in network for network in self.policy.deny):
+            raise DestinationDenied("destination address is denied by policy")
+
+    def check_via(self, via_values: list[bytes]) -> None:
+        """A request that already passed through this gateway is a loop."""
+        marker = self.via[4:]
+        for value in via_values:
+            if marker in value:
+                raise LoopDetected("the request already passed through this gateway")
+
+    async def lease_and_dial(self, route: Route, host: str, port: int, *, tunnel: bool) -> Leased:
+        """Lease an upstream and reach host:port through it, trying other upstreams of the
+        pool while attempts fail before any request byte was sent."""
+        manager = self.manager
+        try:
+            pool = await manager.storage.get_pool(route.pool)
+        except PoolNotFound:
+            raise UnknownPool(route.pool) from None
+        tried: set[str] = set()
+        last_error: UpstreamError | None = None
+        for _ in range(pool.retries + 1):
+            request = LeaseRequest(
+                route.pool,
+                consumer=route.consumer,
+                session=route.session,
+                filters=_filters(route.country, tried),
+                session_ttl=route.session_ttl,
+            )
+            try:
+                lease = await manager.acquire(request, self.settings.acquire_timeout)
+            except PoolNotFound:
+                raise UnknownPool(route.pool) from None
+            except NoUpstreamAvailable as exc:
+                if last_error is not None:
+                    raise last_error from None  # every upstream left has been tried
+                raise NoUpstream(exc.reason) from None
+            try:
+                dialed = await dial(
+                    lease.upstream,
+                    host,
+                    port,
+                    tunnel=tunnel,
+                    connect_timeout=self.settings.connect_timeout,
+                    policy=self.policy,
+                )
+            except UpstreamError as exc:
+                # A failed upstream ends the session bound to it, so a retry binds anew.
+                await manager.release(lease)
+                await manager.report(lease.upstream.id, exc.outcome, None)
+                log.info(
+                    "attempt via %s failed: %s (%s)",
+                    lease.upstream.id,
+                    exc.outcome.value,
+                    exc.details,
+                )
+                if not exc.retryable:
+                    raise
+                last_error = exc
+                tried.add(lease.upstream.id)
+                continue
+            except BaseException:
+                await manager.release(lease)
+                raise
+            await manager.report(lease.upstream.id, Outcome.OK, dialed.connect_latency)
+            return Leased(lease, dialed)
+        assert last_error is not None
+        raise last_error
+
+    async def give_back(self, lease: Lease) -> None:
+        """End a request's use of its lease: released, or for a session, its idle clock reset."""
+        if lease.session is None:
+            await self.manager.release(lease)
+        else:
+            await self.manager.touch(lease)
+
+
+def _filters(country: str | None, tried: set[str]) -> Filter | None:
+    if not tried:
+        return None if country is None else Filter(country=country)
+    excluded = frozenset(tried)
+    return Filter(country=country, predicate=lambda upstream: upstream.id not in excluded)
+
+
+def _ip_literal(host: str) -> _IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

@@ -1,0 +1,325 @@
+"""One plain HTTP request and its response, carried between two channels.
+
+The request head has been parsed and sent; from then on everything happens in the channels'
+`data_received`: request body pieces are re-framed into the upstream, response events are
+re-framed back to the client, and the owning coroutine sleeps on one future until the exchange
+ends. Pipelined requests that arrive meanwhile are parsed and held for later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from enum import StrEnum
+
+from core.models import Outcome
+from gateway.channel import Channel
+from gateway.protocols import (
+    LAST_CHUNK,
+    BodyData,
+    HttpProtocolError,
+    RequestEnd,
+    RequestEvent,
+    RequestParser,
+    ResponseEnd,
+    ResponseHead,
+    ResponseParser,
+    encode_chunk,
+    serialize_response_head,
+)
+
+__all__ = ["Exchange", "ExchangeEnd", "response_headers"]
+
+# Response fields that describe one hop, never forwarded (RFC 9110 7.6.1).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+_REASON_OK = {200: "OK"}
+
+
+class ExchangeEnd(StrEnum):
+    DONE = "done"  # response delivered; the client connection may carry on
+    UPSTREAM_AUTH = "upstream_auth"  # the upstream proxy refused our credentials (nothing sent on)
+    UPSTREAM_FAILED = "upstream_failed"  # upstream broke before a response head reached the client
+    ABORTED = "aborted"  # broke after the response started, or the client went away
+
+
+def response_headers(head: ResponseHead, via: bytes) -> list[tuple[bytes, bytes]]:
+    """The response head's fields as forwarded: hop-by-hop ones (and those named in
+    Connection) dropped, our Via added."""
+    named: set[bytes] = set()
+    for name, value in head.headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    kept = [
+        (name, value)
+        for name, value in head.headers
+        if (lower := name.lower()) not in _HOP_BY_HOP and lower not in named
+    ]
+    kept.append((b"Via", via))
+    return kept
+
+
+class Exchange:
+    __slots__ = (
+        "_chunked_request",
+        "_client",
+        "_client_keep_alive",
+        "_client_version",
+        "_done",
+        "_forward_auth_check",
+        "_held",
+        "_idle_timeout",
+        "_idle_timer",
+        "_last_progress",
+        "_method",
+        "_quiet_checks",
+        "_rechunk_response",
+        "_request_done",
+        "_request_parser",
+        "_response_parser",
+        "_upstream",
+        "_via",
+        "bytes_down",
+        "bytes_up",
+        "end",
+        "first_byte_at",
+        "keep_alive",
+        "outcome",
+        "response_started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        *,
+        client: Channel,
+        upstream: Channel,
+        request_parser: RequestParser,
+        held: deque[RequestEvent],
+        method: str,
+        chunked_request: bool,
+        client_keep_alive: bool,
+        client_version: str,
+        via: bytes,
+        idle_timeout: float,
+        upstream_is_proxy: bool,
+    ) -> None:
+        self._client = client
+        self._upstream = upstream
+        self._request_parser = request_parser
+        self._held = held
+        self._method = method
+        self._response_parser = ResponseParser(method)
+        self._chunked_request = chunked_request
+        self._client_keep_alive = client_keep_alive
+        self._client_version = client_version
+        self._via = via
+        self._idle_timeout = idle_timeout
+        self._forward_auth_check = upstream_is_proxy
+        self._request_done = False
+        self._rechunk_response = False
+        self._done: asyncio.Future[None] = client.loop.create_future()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_progress = -1
+        self._quiet_checks = 0
+        self.end = ExchangeEnd.DONE
+        self.outcome = Outcome.OK
+        self.response_started = False
+        self.keep_alive = client_keep_alive
+        self.status = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.first_byte_at = 0.0
+
+    async def run(self) -> ExchangeEnd:
+        """Carry the request body and the response; return how it ended."""
+        client, upstream = self._client, self._upstream
+        upstream.set_sink(self._from_upstream, on_eof=self._upstream_eof, on_lost=self._lost)
+        client.set_sink(self._from_client, on_eof=self._client_eof, on_lost=self._lost)
+        upstream.on_write_pressure(client.pause_reading, client.resume_reading)
+        client.on_write_pressure(upstream.pause_reading, upstream.resume_reading)
+        self._idle_timer = client.loop.call_later(self._idle_timeout / 4, self._check_idle)
+        try:
+            # Body pieces parsed together with the head, then bytes read but not yet parsed.
+            while self._held and not self._request_done:
+                self._on_request_event(self._held.popleft())
+            if client.buffer and not self._done.done():
+                self._from_client(client.take_buffer())
+            if upstream.buffer and not self._done.done():
+                self._from_upstream(upstream.take_buffer())
+            if upstream.eof and not self._done.done():
+                self._upstream_eof()
+            await self._done
+        finally:
+            self._detach()
+        return self.end
+
+    # -- client side --------------------------------------------------------------------------
+
+    def _from_client(self, data: bytes) -> None:
+        try:
+            events = self._request_parser.feed(data)
+        except HttpProtocolError:
+            # A malformed body (or pipelined request): nothing sane can follow on either side.
+            self._finish(ExchangeEnd.ABORTED)
+            return
+        for event in events:
+            if self._request_done:
+                # A pipelined request: hold it, and stop reading until this exchange is over.
+                self._held.append(event)
+                self._client.pause_reading()
+            else:
+                self._on_request_event(event)
+
+    def _on_request_event(self, event: RequestEvent) -> None:
+        if isinstance(event, BodyData):
+            self.bytes_up += len(event.data)
+            self._upstream.write(encode_chunk(event.data) if self._chunked_request else event.data)
+        elif isinstance(event, RequestEnd):
+            self._request_done = True
+            if self._chunked_request:
+                self._upstream.write(LAST_CHUNK)
+        else:  # pragma: no cover - a head cannot come before this request's end
+            self._held.append(event)
+
+    def _client_eof(self) -> None:
+        if not self._request_done:
+            self.outcome = Outcome.OK
+            self._finish(ExchangeEnd.ABORTED)  # the client gave up mid-request
+        else:
+            self.keep_alive = False  # answer this one, then close
+
+    # -- upstream side ------------------------------------------------------------------------
+
+    def _from_upstream(self, data: bytes) -> None:
+        if not self.first_byte_at:
+            self.first_byte_at = self._client.loop.time()
+        try:
+            events = self._response_parser.feed(data)
+        except HttpProtocolError:
+            self._upstream_broke(Outcome.PROXY_ERROR)
+            return
+        for event in events:
+            if isinstance(event, BodyData):
+                self.bytes_down += len(event.data)
+                self._client.write(
+                    encode_chunk(event.data) if self._rechunk_response else event.data
+                )
+            elif isinstance(event, ResponseHead):
+                if not self._on_response_head(event):
+                    return
+            else:
+                assert isinstance(event, ResponseEnd)
+                if self._rechunk_response:
+                    self._client.write(LAST_CHUNK)
+                self._finish(ExchangeEnd.DONE)
+                return
+
+    def _on_response_head(self, head: ResponseHead) -> bool:
+        if head.status == 407 and self._forward_auth_check:
+            # The upstream proxy rejected our credentials: its 407 is not the client's business.
+            self.outcome = Outcome.PROXY_AUTH_FAILED
+            self._finish(ExchangeEnd.UPSTREAM_AUTH)
+            return False
+        headers = response_headers(head, self._via)
+        interim = 100 <= head.status < 200
+        if not interim:
+            self.status = head.status
+            self.response_started = True
+            if head.status >= 500:
+                self.outcome = Outcome.TARGET_ERROR
+            self._frame_response(head, headers)
+        self._client.write(
+            serialize_response_head(
+                head.status, head.reason or _REASON_OK.get(head.status, ""), headers
+            )
+        )
+        return True
+
+    def _frame_response(self, head: ResponseHead, headers: list[tuple[bytes, bytes]]) -> None:
+        """Choose how the body reaches the client, and whether the connection can stay."""
+        has_length = head.content_length is not None
+        if head.chunked or (not has_length and self._response_has_body(head)):
+            if self._client_version == "1.1":
+                self._rechunk_response = True
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            else:
+                self.keep_alive = False  # HTTP/1.0 client: the body ends when we close
+        if not self.keep_alive:
+            headers.append((b"Connection", b"close"))
+        elif self._client_version == "1.0":
+            headers.append((b"Connection", b"keep-alive"))
+
+    def _response_has_body(self, head: ResponseHead) -> bool:
+        return not (head.status in (204, 304) or head.status < 200 or self._method == "HEAD")
+
+    def _upstream_eof(self) -> None:
+        try:
+            events = self._response_parser.feed_eof()
+        except HttpProtocolError:
+            self._upstream_broke(Outcome.RESET)
+            return
+        for event in events:
+            if isinstance(event, ResponseEnd):
+                if self._rechunk_response:
+                    self._client.write(LAST_CHUNK)
+                self._finish(ExchangeEnd.DONE)
+                return
+        self._upstream_broke(Outcome.RESET)
+
+    def _upstream_broke(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        if self.response_started:
+            self._client.reset()  # a cut-off body must not look complete
+            self._finish(ExchangeEnd.ABORTED)
+        else:
+            self._finish(ExchangeEnd.UPSTREAM_FAILED)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._done.done():
+            return
+        if self._upstream.closed and not self._client.closed:
+            self._upstream_broke(Outcome.RESET)
+        else:
+            self._finish(ExchangeEnd.ABORTED)
+
+    # -- common -------------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        progress = self.bytes_up + self.bytes_down + (1 if self.first_byte_at else 0)
+        if progress != self._last_progress:
+            self._last_progress = progress
+            self._quiet_checks = 0
+        else:
+            self._quiet_checks += 1
+            if self._quiet_checks >= 4:
+                self._upstream_broke(Outcome.READ_TIMEOUT)
+                return
+        self._idle_timer = self._client.loop.call_later(self._idle_timeout / 4, self._check_idle)
+
+    def _finish(self, end: ExchangeEnd) -> None:
+        if self._done.done():
+            return
+        self.end = end
+        if end is not ExchangeEnd.DONE:
+            self.keep_alive = False
+        self._done.set_result(None)
+
+    def _detach(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        for side in (self._client, self._upstream):
+            side.set_sink(None)
+            side.on_write_pressure(None, None)
+        self._client.resume_reading()

@@ -1,0 +1,257 @@
+"""The HTTP/1.1 proxy side of a client connection: absolute-form requests and CONNECT.
+
+Each request on a keep-alive connection is routed and leased on its own; CONNECT hands the
+connection over to a tunnel. The gateway re-serializes every head it forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from core.models import Outcome
+from gateway.channel import Channel, ChannelClosed
+from gateway.context import GatewayContext, Leased
+from gateway.dial import DialMode, basic_credentials
+from gateway.errors import AuthRequired, BadRequest, GatewayError, UpstreamError
+from gateway.exchange import Exchange, ExchangeEnd
+from gateway.protocols import (
+    BadCredentials,
+    ForwardHeaders,
+    HttpProtocolError,
+    RequestEvent,
+    RequestHead,
+    RequestParser,
+    error_response,
+    parse_basic_auth,
+    serialize_request_head,
+    split_proxy_headers,
+)
+from gateway.relay import relay
+from gateway.routing import Route, choose_route
+
+__all__ = ["serve_http"]
+
+log = logging.getLogger("proxygate.http")
+
+_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_PROXY_AUTHENTICATE = ((b"Proxy-Authenticate", b'Basic realm="proxygate"'),)
+
+
+async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | None) -> None:
+    """Serve HTTP proxy requests on `client` until it closes or an error ends it."""
+    parser = RequestParser()
+    held: deque[RequestEvent] = deque()
+    settings = ctx.settings
+    while True:
+        try:
+            head = await _next_head(
+                client, parser, held, settings.idle_timeout, settings.header_timeout
+            )
+        except HttpProtocolError as exc:
+            _answer_error(client, BadRequest(str(exc), status=exc.status))
+            return
+        except TimeoutError:
+            _answer_error(client, BadRequest("request head not received in time", status=408))
+            return
+        if head is None:
+            return
+        try:
+            if head.method == "CONNECT":
+                await _tunnel(ctx, client, parser, head, listener_pool)
+                return
+            if not await _forward(ctx, client, parser, held, head, listener_pool):
+                return
+        except GatewayError as exc:
+            _answer_error(client, exc)
+            return
+
+
+async def _next_head(
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    idle_timeout: float,
+    header_timeout: float,
+) -> RequestHead | None:
+    """The next request head; None when the client closed or idled out between requests.
+
+    A keep-alive client may stay quiet for `idle_timeout`; once a head has started it must be
+    complete within `header_timeout` (TimeoutError), so slow heads cannot pin a connection.
+    """
+    if not held and not client.buffer:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                await client.read_more()
+        except (ChannelClosed, TimeoutError):
+            return None
+    async with asyncio.timeout(header_timeout):
+        while True:
+            while held:
+                event = held.popleft()
+                if isinstance(event, RequestHead):
+                    return event
+            if client.buffer:
+                held.extend(parser.feed(client.take_buffer()))
+                continue
+            try:
+                await client.read_more()
+            except ChannelClosed:
+                held.extend(parser.feed_eof())
+                if not held:
+                    return None
+
+
+def _route(
+    ctx: GatewayContext, head: RequestHead, listener_pool: str | None
+) -> tuple[ForwardHeaders, Route]:
+    try:
+        fields = split_proxy_headers(head.headers)
+    except HttpProtocolError as exc:
+        raise BadRequest(str(exc), status=exc.status) from None
+    username = password = None
+    if fields.proxy_authorization is not None:
+        try:
+            username, password = parse_basic_auth(fields.proxy_authorization)
+        except BadCredentials:
+            raise AuthRequired("malformed proxy credentials") from None
+    params = ctx.authenticate(username, password)
+    route = choose_route(
+        header_pool=fields.pool,
+        header_session=fields.session,
+        header_country=fields.country,
+        username=params,
+        listener_pool=listener_pool,
+        default_pool=ctx.settings.default_pool,
+    )
+    ctx.check_via([value for name, value in fields.headers if name.lower() == b"via"])
+    return fields, route
+
+
+async def _tunnel(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    head: RequestHead,
+    listener_pool: str | None,
+) -> None:
+    _, route = _route(ctx, head, listener_pool)
+    ctx.check_destination(head.host, head.port, tunnel=True)
+    leased = await ctx.lease_and_dial(route, head.host, head.port, tunnel=True)
+    try:
+        client.write(_ESTABLISHED)
+        await relay(
+            client,
+            leased.dialed.channel,
+            idle_timeout=ctx.settings.idle_timeout,
+            client_early=parser.take_buffered(),
+            upstream_early=leased.dialed.early,
+        )
+    finally:
+        leased.dialed.channel.close()
+        await ctx.give_back(leased.lease)
+
+
+async def _forward(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    head: RequestHead,
+    listener_pool: str | None,
+) -> bool:
+    """Carry one absolute-form request; True when the client connection may carry on."""
+    fields, route = _route(ctx, head, listener_pool)
+    ctx.check_destination(head.host, head.port, tunnel=False)
+    has_body = head.chunked or bool(head.content_length)
+    attempts_left = 1 if has_body else 2  # only a bodiless request can follow an upstream 407
+    while True:
+        leased = await ctx.lease_and_dial(route, head.host, head.port, tunnel=False)
+        try:
+            end, exchange = await _exchange(ctx, client, parser, held, head, fields, leased)
+        finally:
+            leased.dialed.channel.close()
+            await ctx.give_back(leased.lease)
+        upstream_id = leased.lease.upstream.id
+        if end is ExchangeEnd.UPSTREAM_AUTH:
+            await ctx.manager.report(upstream_id, exchange.outcome, None)
+            attempts_left -= 1
+            if attempts_left:
+                continue
+            raise UpstreamError(
+                exchange.outcome, "upstream proxy rejected its credentials", next_hop=upstream_id
+            )
+        if exchange.outcome is not Outcome.OK:
+            await ctx.manager.report(upstream_id, exchange.outcome, None)
+        if end is ExchangeEnd.UPSTREAM_FAILED:
+            raise UpstreamError(
+                exchange.outcome,
+                "upstream failed before answering",
+                next_hop=upstream_id,
+                retryable=False,
+            )
+        return end is ExchangeEnd.DONE and exchange.keep_alive
+
+
+async def _exchange(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    head: RequestHead,
+    fields: ForwardHeaders,
+    leased: Leased,
+) -> tuple[ExchangeEnd, Exchange]:
+    dialed = leased.dialed
+    upstream_is_proxy = dialed.mode is DialMode.FORWARD
+    headers = list(fields.headers)
+    if not any(name.lower() == b"host" for name, _ in headers):
+        headers.append((b"Host", _authority(head.host, head.port).encode()))
+    headers.append((b"Via", ctx.via))
+    if head.chunked:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    # One request per upstream connection, so its end of message is never in doubt.
+    headers.append((b"Connection", b"close"))
+    if upstream_is_proxy:
+        target = head.target
+        endpoint = leased.lease.upstream.endpoint
+        if endpoint.has_credentials:
+            headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
+    else:
+        target = head.path
+    dialed.channel.write(serialize_request_head(head.method, target, headers))
+    exchange = Exchange(
+        client=client,
+        upstream=dialed.channel,
+        request_parser=parser,
+        held=held,
+        method=head.method,
+        chunked_request=head.chunked,
+        client_keep_alive=head.keep_alive,
+        client_version=head.http_version,
+        via=ctx.via,
+        idle_timeout=ctx.settings.idle_timeout,
+        upstream_is_proxy=upstream_is_proxy,
+    )
+    if dialed.early:
+        dialed.channel.buffer[:0] = dialed.early
+    return await exchange.run(), exchange
+
+
+def _answer_error(client: Channel, error: GatewayError) -> None:
+    extra = _PROXY_AUTHENTICATE if isinstance(error, AuthRequired) else ()
+    client.write(
+        error_response(
+            error.status,
+            proxy_status=error.proxy_status(),
+            extra_headers=extra,
+            body=f"{error.status} {error.details}\n",
+        )
+    )
+    client.close()
+
+
+def _authority(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return host if port == 80 else f"{host}:{port}"

@@ -1,0 +1,55 @@
+"""Gateways started in-process on ephemeral loopback ports, checked for leaked leases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from config import load_settings
+from gateway.app import Gateway
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+def proxy_url(gateway: Gateway, scheme: str = "http", auth: str = "") -> str:
+    host, port = gateway.listen_addresses[0]
+    return f"{scheme}://{auth}{host}:{port}"
+
+
+async def leases_held(gateway: Gateway, *, sessions: bool = False) -> int:
+    leases = await gateway.manager.storage.list_leases()
+    return sum(1 for lease in leases if sessions or lease.session is None)
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """`await start_gateway(toml)` runs a gateway from a TOML text (listen and admin default
+    to ephemeral loopback ports). After the test, no lease outside a session may be held."""
+    running: list[Gateway] = []
+
+    async def start(toml: str = "", **env: str) -> Gateway:
+        text = toml
+        if "[gateway]" not in text:
+            text = '[gateway]\nlisten = ["127.0.0.1:0"]\n' + text
+        if "[admin]" not in text:
+            text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
+        path = tmp_path / f"gateway{len(running)}.toml"
+        path.write_text(text)
+        settings = load_settings(path, env={f"PROXYGATE_{k.upper()}": v for k, v in env.items()})
+        gateway = Gateway(settings)
+        await gateway.start()
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in running:
+        for _ in range(200):  # releases run as connections wind down: give them a moment
+            if await leases_held(gateway) == 0:
+                break
+            await asyncio.sleep(0.01)
+        held = await leases_held(gateway)
+        await gateway.stop(drain_timeout=1.0)
+        assert held == 0, f"{held} leases left held after the test"
