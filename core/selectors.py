@@ -10,6 +10,7 @@ For filtered requests, `choose` picks among an explicit candidate list with the 
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -259,12 +260,13 @@ class _LowestLatency:
 class _Weighted:
     """Weighted random over a Fenwick tree of weights: O(log n) update and pick."""
 
-    __slots__ = ("_rng", "_slot_at", "_slot_of", "_tree", "_weights")
+    __slots__ = ("_rng", "_slot_at", "_slot_of", "_total", "_tree", "_weights")
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
         self._weights: list[float] = []
         self._tree: list[float] = [0.0]
+        self._total = 0.0
         self._slot_of: dict[int, int] = {}
         self._slot_at: list[Slot] = []
 
@@ -292,7 +294,7 @@ class _Weighted:
 
     def pick(self) -> Slot | None:
         for _ in range(2):
-            total = self._prefix(len(self._weights))
+            total = self._total
             if total <= 1e-12:
                 return None
             position = self._find(self._rng.random() * total)
@@ -307,6 +309,7 @@ class _Weighted:
         if delta == 0.0:
             return
         self._weights[position] = weight
+        self._total += delta
         tree = self._tree
         i = position + 1
         size = len(tree)
@@ -314,23 +317,15 @@ class _Weighted:
             tree[i] += delta
             i += i & -i
 
-    def _prefix(self, count: int) -> float:
-        tree = self._tree
-        total = 0.0
-        i = count
-        while i > 0:
-            total += tree[i]
-            i -= i & -i
-        return total
-
     def _find(self, target: float) -> int:
         """The first position whose running sum exceeds `target`."""
         tree = self._tree
+        size = len(tree)
         position = 0
-        step = 1 << (len(tree).bit_length() - 1)
+        step = 1 << (size.bit_length() - 1)
         while step:
             nxt = position + step
-            if nxt < len(tree) and tree[nxt] <= target:
+            if nxt < size and tree[nxt] <= target:
                 position = nxt
                 target -= tree[nxt]
             step >>= 1
@@ -344,6 +339,8 @@ class _Weighted:
             if parent < len(tree):
                 tree[parent] += tree[index]
         self._tree = tree
+        # Exact again: the running total drifts by float rounding over many updates.
+        self._total = math.fsum(self._weights)
 
 
 def make_index(selector: Selector, rng: random.Random) -> SlotIndex:
