@@ -12,6 +12,7 @@ from core.errors import NoUpstreamAvailable, PoolNotFound
 from core.filters import Filter
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome
+from gateway.channel import Channel
 from gateway.dial import Dialed, DialPolicy, dial
 from gateway.errors import (
     AuthRequired,
@@ -21,6 +22,7 @@ from gateway.errors import (
     UnknownPool,
     UpstreamError,
 )
+from gateway.relay import relay
 from gateway.routing import Route, UsernameParams, parse_username
 
 __all__ = ["GatewayContext", "Leased"]
@@ -162,6 +164,33 @@ class GatewayContext:
             return Leased(lease, dialed)
         assert last_error is not None
         raise last_error
+
+    async def tunnel(
+        self,
+        client: Channel,
+        route: Route,
+        host: str,
+        port: int,
+        *,
+        established: bytes,
+        client_early: bytes,
+    ) -> None:
+        """Lease, dial, answer `established`, then relay until the tunnel ends. The client
+        hears success only once the upstream tunnel is up."""
+        self.check_destination(host, port, tunnel=True)
+        leased = await self.lease_and_dial(route, host, port, tunnel=True)
+        try:
+            client.write(established)
+            await relay(
+                client,
+                leased.dialed.channel,
+                idle_timeout=self.settings.idle_timeout,
+                client_early=client_early,
+                upstream_early=leased.dialed.early,
+            )
+        finally:
+            leased.dialed.channel.close()
+            await self.give_back(leased.lease)
 
     async def give_back(self, lease: Lease) -> None:
         """End a request's use of its lease: released, or for a session, its idle clock reset."""

@@ -28,7 +28,6 @@ from gateway.protocols import (
     serialize_request_head,
     split_proxy_headers,
 )
-from gateway.relay import relay
 from gateway.routing import Route, choose_route
 
 __all__ = ["serve_http"]
@@ -137,20 +136,14 @@ async def _tunnel(
     listener_pool: str | None,
 ) -> None:
     _, route = _route(ctx, head, listener_pool)
-    ctx.check_destination(head.host, head.port, tunnel=True)
-    leased = await ctx.lease_and_dial(route, head.host, head.port, tunnel=True)
-    try:
-        client.write(_ESTABLISHED)
-        await relay(
-            client,
-            leased.dialed.channel,
-            idle_timeout=ctx.settings.idle_timeout,
-            client_early=parser.take_buffered(),
-            upstream_early=leased.dialed.early,
-        )
-    finally:
-        leased.dialed.channel.close()
-        await ctx.give_back(leased.lease)
+    await ctx.tunnel(
+        client,
+        route,
+        head.host,
+        head.port,
+        established=_ESTABLISHED,
+        client_early=parser.take_buffered(),
+    )
 
 
 async def _forward(

@@ -21,7 +21,6 @@ from gateway.protocols import (
     Socks5Server,
     SocksProtocolError,
 )
-from gateway.relay import relay
 from gateway.routing import UsernameParams, choose_route
 
 __all__ = ["serve_socks4", "serve_socks5"]
@@ -121,17 +120,12 @@ async def _tunnel(
         listener_pool=listener_pool,
         default_pool=ctx.settings.default_pool,
     )
-    ctx.check_destination(host, port, tunnel=True)
-    leased = await ctx.lease_and_dial(route, host, port, tunnel=True)
-    try:
-        client.write(server.reply(0) if isinstance(server, Socks5Server) else server.reply(True))
-        await relay(
-            client,
-            leased.dialed.channel,
-            idle_timeout=ctx.settings.idle_timeout,
-            client_early=server.take_buffered(),
-            upstream_early=leased.dialed.early,
-        )
-    finally:
-        leased.dialed.channel.close()
-        await ctx.give_back(leased.lease)
+    established = server.reply(0) if isinstance(server, Socks5Server) else server.reply(True)
+    await ctx.tunnel(
+        client,
+        route,
+        host,
+        port,
+        established=established,
+        client_early=server.take_buffered(),
+    )
