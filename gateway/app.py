@@ -155,9 +155,11 @@ class Gateway:
             drain_timeout = self.settings.gateway.drain_timeout
         for server in self._servers:
             server.close()
+        if self._context is not None:
+            self._context.begin_drain()
         if self._connections:
             log.info("draining %d open connections", len(self._connections))
-            await asyncio.wait(set(self._connections), timeout=drain_timeout or None)
+            await asyncio.wait(set(self._connections), timeout=drain_timeout)
         for task in list(self._connections):
             task.cancel()
         if self._connections:

@@ -51,6 +51,10 @@ class GatewayContext:
     own_wildcard_ports: frozenset[int] = frozenset()
     policy: DialPolicy = field(init=False)
     via: bytes = field(init=False)
+    #: Set when the gateway stops: keep-alive connections take no further requests.
+    draining: bool = False
+    #: Client connections waiting between requests, closed at once when draining begins.
+    idle_clients: set[Channel] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.policy = DialPolicy(
@@ -59,6 +63,11 @@ class GatewayContext:
             own_addresses=self.own_addresses,
         )
         self.via = f"1.1 {self.manager.instance_id} (proxygate)".encode()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for client in list(self.idle_clients):
+            client.close()
 
     @property
     def users(self) -> Users:

@@ -56,6 +56,7 @@ import functools
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -172,7 +173,7 @@ async def dial(
     `ssl_context` replaces the default verifying context for TLS to an https upstream.
     """
     loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = time.perf_counter()
     _check_target(upstream, host, port)
     scheme = upstream.endpoint.scheme
     early = b""
@@ -185,7 +186,7 @@ async def dial(
         channel = await _dial_direct(loop, upstream, host, port, tunnel, connect_timeout, policy)
     else:
         channel = await _dial_socks(loop, upstream, host, port, connect_timeout)
-    return Dialed(channel, early, mode, loop.time() - started)
+    return Dialed(channel, early, mode, time.perf_counter() - started)
 
 
 @functools.lru_cache(maxsize=4096)

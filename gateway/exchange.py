@@ -156,6 +156,8 @@ class Exchange:
                 self._on_request_event(self._held.popleft())
             if client.buffer and not self._done.done():
                 self._from_client(client.take_buffer())
+            if client.eof and not self._done.done():
+                self._client_eof()  # left while the upstream was being dialed
             if upstream.buffer and not self._done.done():
                 self._from_upstream(upstream.take_buffer())
             if upstream.eof and not self._done.done():
@@ -194,11 +196,9 @@ class Exchange:
             self._held.append(event)
 
     def _client_eof(self) -> None:
-        if not self._request_done:
-            self.outcome = Outcome.OK
-            self._finish(ExchangeEnd.ABORTED)  # the client gave up mid-request
-        else:
-            self.keep_alive = False  # answer this one, then close
+        # HTTP clients do not half-close; an EOF means the client left. Ending the exchange
+        # now frees the lease instead of holding it until a slow origin answers nobody.
+        self._finish(ExchangeEnd.ABORTED)
 
     # -- upstream side ------------------------------------------------------------------------
 
@@ -249,8 +249,7 @@ class Exchange:
 
     def _frame_response(self, head: ResponseHead, headers: list[tuple[bytes, bytes]]) -> None:
         """Choose how the body reaches the client, and whether the connection can stay."""
-        has_length = head.content_length is not None
-        if head.chunked or (not has_length and self._response_has_body(head)):
+        if self._response_has_body(head) and (head.chunked or head.content_length is None):
             if self._client_version == "1.1":
                 self._rechunk_response = True
                 headers.append((b"Transfer-Encoding", b"chunked"))

@@ -44,10 +44,10 @@ async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | 
     held: deque[RequestEvent] = deque()
     settings = ctx.settings
     while True:
+        if not held and not client.buffer and not await _await_next_request(ctx, client):
+            return
         try:
-            head = await _next_head(
-                client, parser, held, settings.idle_timeout, settings.header_timeout
-            )
+            head = await _next_head(client, parser, held, settings.header_timeout)
         except HttpProtocolError as exc:
             _answer_error(client, BadRequest(str(exc), status=exc.status))
             return
@@ -67,24 +67,27 @@ async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | 
             return
 
 
-async def _next_head(
-    client: Channel,
-    parser: RequestParser,
-    held: deque[RequestEvent],
-    idle_timeout: float,
-    header_timeout: float,
-) -> RequestHead | None:
-    """The next request head; None when the client closed or idled out between requests.
+async def _await_next_request(ctx: GatewayContext, client: Channel) -> bool:
+    """Wait while a keep-alive client is quiet between requests: False when it left, idled
+    out for `idle_timeout`, or the gateway began draining (idle clients are closed then)."""
+    if ctx.draining:
+        return False
+    ctx.idle_clients.add(client)
+    try:
+        async with asyncio.timeout(ctx.settings.idle_timeout):
+            await client.read_more()
+    except (ChannelClosed, TimeoutError):
+        return False
+    finally:
+        ctx.idle_clients.discard(client)
+    return True
 
-    A keep-alive client may stay quiet for `idle_timeout`; once a head has started it must be
-    complete within `header_timeout` (TimeoutError), so slow heads cannot pin a connection.
-    """
-    if not held and not client.buffer:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                await client.read_more()
-        except (ChannelClosed, TimeoutError):
-            return None
+
+async def _next_head(
+    client: Channel, parser: RequestParser, held: deque[RequestEvent], header_timeout: float
+) -> RequestHead | None:
+    """The next request head, which must be complete within `header_timeout` once started
+    (TimeoutError), so slow heads cannot pin a connection; None when the client closed."""
     async with asyncio.timeout(header_timeout):
         while True:
             while held:
@@ -198,9 +201,9 @@ async def _exchange(
 ) -> tuple[ExchangeEnd, Exchange]:
     dialed = leased.dialed
     upstream_is_proxy = dialed.mode is DialMode.FORWARD
-    headers = list(fields.headers)
-    if not any(name.lower() == b"host" for name, _ in headers):
-        headers.append((b"Host", _authority(head.host, head.port).encode()))
+    # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
+    headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
+    headers.append((b"Host", _authority(head.host, head.port).encode()))
     headers.append((b"Via", ctx.via))
     if head.chunked:
         headers.append((b"Transfer-Encoding", b"chunked"))
@@ -213,7 +216,8 @@ async def _exchange(
             headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
     else:
         target = head.path
-    dialed.channel.write(serialize_request_head(head.method, target, headers))
+    if not client.eof:  # a client that left during the dial is owed nothing upstream
+        dialed.channel.write(serialize_request_head(head.method, target, headers))
     exchange = Exchange(
         client=client,
         upstream=dialed.channel,
