@@ -75,6 +75,8 @@ class LeaseManager:
         self.poll_interval = poll_interval
         self.double_releases = 0
         self._waiters: dict[str, deque[_Waiter]] = {}
+        # Users of each session lease right now: it expires only once idle, not while in use.
+        self._session_users: dict[str, int] = {}
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -116,25 +118,35 @@ class LeaseManager:
         Raises PoolNotFound, or NoUpstreamAvailable (at once when nothing could ever match,
         after `timeout` when everything stayed busy).
         """
-        lease = await self.storage.acquire(request, holder=self.instance_id, now=self.clock.now())
-        if lease is not None:
-            if not self._waiters.get(request.pool):
-                if self._on_acquire:
-                    await self._emit(self._on_acquire, LeaseEventKind.ACQUIRED, lease, 0.0, 0.0)
-                return lease
-            # Others were already waiting: the capacity is offered to them first, then to us,
-            # in line.
-            await self.storage.release(lease)
+        offer = True
+        if request.session is not None or not self._waiters.get(request.pool):
+            lease = await self.storage.acquire(
+                request, holder=self.instance_id, now=self.clock.now()
+            )
+            if lease is not None:
+                # A session already bound is not new capacity: it never queues.
+                if lease.uses > 1 or not self._waiters.get(request.pool):
+                    return await self._acquired(lease, 0.0)
+                # A fresh grant while others wait: offered to them first, then to us, in line.
+                await self.storage.release(lease)
+            else:
+                offer = False
         started = time.perf_counter()
-        lease = await self._wait(request, timeout, started, offer=lease is not None)
+        lease = await self._wait(request, timeout, started, offer=offer)
+        return await self._acquired(lease, time.perf_counter() - started)
+
+    async def _acquired(self, lease: Lease, waited: float) -> Lease:
+        if lease.session is not None:
+            self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
+            await self.storage.renew(lease, None)  # in use: no idle countdown
         if self._on_acquire:
-            waited = time.perf_counter() - started
             await self._emit(self._on_acquire, LeaseEventKind.ACQUIRED, lease, waited, 0.0)
         return lease
 
     async def release(self, lease: Lease) -> bool:
         """Give a lease back. A second release of the same lease changes nothing: it returns
         False and is counted in `double_releases`."""
+        self._session_users.pop(lease.id, None)
         if not await self.storage.release(lease):
             self.double_releases += 1
             log.debug("lease %s released twice (or after it expired)", lease.id)
@@ -151,11 +163,20 @@ class LeaseManager:
         expires_at = None if duration is None else self.clock.now() + duration
         return await self.storage.renew(lease, expires_at)
 
-    async def touch(self, lease: Lease) -> bool:
-        """Mark a session's lease as just used, restarting its idle countdown."""
-        if lease.idle_ttl is None:
+    async def put_back(self, lease: Lease) -> bool:
+        """End one use of a lease: released, or for a session's lease, left bound to its
+        session, whose idle countdown starts when its last user is done."""
+        if lease.session is None:
+            return await self.release(lease)
+        users = self._session_users.pop(lease.id, 1) - 1
+        if users > 0:
+            self._session_users[lease.id] = users
             return True
         return await self.renew(lease, lease.idle_ttl)
+
+    def users_of(self, lease: Lease) -> int:
+        """How many acquirers are using a session's lease right now."""
+        return self._session_users.get(lease.id, 0)
 
     @asynccontextmanager
     async def lease(self, request: LeaseRequest, timeout: float) -> AsyncIterator[Lease]:
@@ -168,10 +189,7 @@ class LeaseManager:
         try:
             yield lease
         finally:
-            if lease.session is None:
-                await self.release(lease)
-            else:
-                await self.touch(lease)
+            await self.put_back(lease)
 
     async def report(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
         """Feed one attempt's outcome into the upstream's health."""
@@ -185,6 +203,8 @@ class LeaseManager:
     async def sweep(self) -> list[Lease]:
         """Release expired leases now (the background sweeper calls this periodically)."""
         expired = await self.storage.release_expired(self.clock.now())
+        for lease in expired:
+            self._session_users.pop(lease.id, None)
         for pool in {lease.pool for lease in expired}:
             if self._waiters.get(pool):
                 await self._handoff(pool)
@@ -224,7 +244,9 @@ class LeaseManager:
             ) from None
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                await self.release(waiter.future.result())
+                handed = waiter.future.result()
+                if handed.uses == 1:  # a session's shared lease is not ours to end
+                    await self.release(handed)
             raise
         finally:
             if not waiter.future.done():
@@ -276,7 +298,8 @@ class LeaseManager:
             if lease is None:
                 continue
             if waiter.future.done():  # it gave up while we were leasing for it
-                await self.storage.release(lease)
+                if lease.uses == 1:
+                    await self.storage.release(lease)
                 continue
             waiter.future.set_result(lease)
             return

@@ -79,13 +79,10 @@ class Gateway:
         await self.storage.open()
         await self._load_catalog()
         await self.manager.start()
-        wildcard_ports: set[int] = set()
         for listener in self.settings.all_listeners():
             server = await self._listen(listener.listen.host, listener.listen.port, listener.pool)
             host, port = server.sockets[0].getsockname()[:2]
             self.listen_addresses.append((host, port))
-            if listener.listen.is_unspecified:
-                wildcard_ports.add(port)
         admin = self.settings.admin
         if admin.listen is not None:
             self._admin = web.AppRunner(
@@ -96,8 +93,6 @@ class Gateway:
             await site.start()
             host, port = self._admin.addresses[-1][:2]
             self.admin_address = (host, port)
-            if admin.listen.is_unspecified:
-                wildcard_ports.add(self.admin_address[1])
         own = set(self.listen_addresses)
         if self.admin_address is not None:
             own.add(self.admin_address)
@@ -105,7 +100,6 @@ class Gateway:
             self.settings.gateway,
             self.manager,
             own_addresses=frozenset(own),
-            own_wildcard_ports=frozenset(wildcard_ports),
         )
         for server in self._servers:
             await server.start_serving()
@@ -153,6 +147,12 @@ class Gateway:
         """Stop accepting, let open connections finish for `drain_timeout`, then end them."""
         if drain_timeout is None:
             drain_timeout = self.settings.gateway.drain_timeout
+        try:
+            await self._stop(drain_timeout)
+        finally:
+            self._stopped.set()
+
+    async def _stop(self, drain_timeout: float) -> None:
         for server in self._servers:
             server.close()
         if self._context is not None:
@@ -168,9 +168,12 @@ class Gateway:
             await server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
+        # Sessions outlive their requests: give back what they still hold here too.
+        for lease in await self.storage.list_leases():
+            if lease.holder == self.manager.instance_id:
+                await self.manager.release(lease)
         await self.manager.close()
         await self.storage.close()
-        self._stopped.set()
 
 
 def open_storage(url: str) -> Storage:

@@ -17,10 +17,12 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-__all__ = ["BUFFER_LIMIT", "Channel", "ChannelClosed"]
+__all__ = ["BUFFER_LIMIT", "CLOSE_GRACE", "Channel", "ChannelClosed"]
 
 #: Bytes a channel buffers for a reader that is not reading before it stops reading the socket.
 BUFFER_LIMIT = 256 * 1024
+#: Seconds a closing channel waits for its peer to take the bytes still buffered for it.
+CLOSE_GRACE = 30.0
 
 Sink = Callable[[bytes], None]
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -201,8 +203,18 @@ class Channel(asyncio.Protocol):
             transport.close()  # TLS cannot half-close: flush and close instead
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close after flushing what is buffered; a peer that will not read it for
+        `CLOSE_GRACE` seconds is cut off, so a socket never outlives its use for long."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def abort(self) -> None:
         if self.transport is not None:

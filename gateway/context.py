@@ -16,7 +16,7 @@ from gateway.channel import Channel
 from gateway.dial import Dialed, DialPolicy, dial
 from gateway.errors import (
     AuthRequired,
-    DestinationDenied,
+    GatewayError,
     LoopDetected,
     NoUpstream,
     UnknownPool,
@@ -44,11 +44,9 @@ class Leased:
 class GatewayContext:
     settings: GatewaySettings
     manager: LeaseManager
-    #: Addresses the gateway itself listens on (listeners and admin): a request for one of
-    #: them would loop back into the gateway.
+    #: Addresses the gateway itself listens on (listeners and admin, as bound, wildcards
+    #: included): a request for one of them would loop back into the gateway.
     own_addresses: frozenset[tuple[str, int]] = frozenset()
-    #: Ports bound on a wildcard address: any local address with such a port is us.
-    own_wildcard_ports: frozenset[int] = frozenset()
     policy: DialPolicy = field(init=False)
     via: bytes = field(init=False)
     #: Set when the gateway stops: keep-alive connections take no further requests.
@@ -93,21 +91,18 @@ class GatewayContext:
         return params
 
     def check_destination(self, host: str, port: int, *, tunnel: bool) -> None:
-        """Refuse loops and policy-denied destinations (literal IPs; names are checked after
-        resolution, and only for direct dials, by `gateway.dial`)."""
-        if tunnel and self.policy.allowed_ports and port not in self.policy.allowed_ports:
-            raise DestinationDenied(f"port {port} is not allowed for tunnels")
+        """Refuse loops and policy-denied destinations: literal IPs here, names only after
+        resolution and only for direct dials (in `gateway.dial`): the gateway never resolves
+        a name that an upstream will resolve."""
         address = _ip_literal(host)
-        if host.lower() == "localhost":
-            address = ipaddress.ip_address("127.0.0.1")
+        if address is None and host.lower() == "localhost":
+            address = _LOCALHOST
         if address is None:
-            return
-        if (str(address), port) in self.own_addresses or (
-            port in self.own_wildcard_ports and (address.is_loopback or address.is_unspecified)
-        ):
-            raise LoopDetected("the destination is this gateway")
-        if any(address in network for network in self.policy.deny):
-            raise DestinationDenied("destination address is denied by policy")
+            refused: GatewayError | None = self.policy.port_refusal(port, tunnel=tunnel)
+        else:
+            refused = self.policy.refusal(address, port, tunnel=tunnel)
+        if refused is not None:
+            raise refused
 
     def check_via(self, via_values: list[bytes]) -> None:
         """A request that already passed through this gateway is a loop."""
@@ -116,15 +111,23 @@ class GatewayContext:
             if marker in value:
                 raise LoopDetected("the request already passed through this gateway")
 
-    async def lease_and_dial(self, route: Route, host: str, port: int, *, tunnel: bool) -> Leased:
-        """Lease an upstream and reach host:port through it, trying other upstreams of the
-        pool while attempts fail before any request byte was sent."""
+    async def lease_and_dial(
+        self,
+        route: Route,
+        host: str,
+        port: int,
+        *,
+        tunnel: bool,
+        avoid: frozenset[str] = frozenset(),
+    ) -> Leased:
+        """Lease an upstream (none of `avoid`) and reach host:port through it, trying other
+        upstreams of the pool while attempts fail before any request byte was sent."""
         manager = self.manager
         try:
             pool = await manager.storage.get_pool(route.pool)
         except PoolNotFound:
             raise UnknownPool(route.pool) from None
-        tried: set[str] = set()
+        tried = set(avoid)
         last_error: UpstreamError | None = None
         for _ in range(pool.retries + 1):
             request = LeaseRequest(
@@ -150,10 +153,14 @@ class GatewayContext:
                     tunnel=tunnel,
                     connect_timeout=self.settings.connect_timeout,
                     policy=self.policy,
+                    via=self.via,
                 )
             except UpstreamError as exc:
-                # A failed upstream ends the session bound to it, so a retry binds anew.
-                await manager.release(lease)
+                if manager.users_of(lease) > 1:
+                    await manager.put_back(lease)  # others use the session: leave it bound
+                else:
+                    # A failed upstream ends the session bound to it, so a retry binds anew.
+                    await manager.release(lease)
                 await manager.report(lease.upstream.id, exc.outcome, None)
                 log.info(
                     "attempt via %s failed: %s (%s)",
@@ -202,11 +209,8 @@ class GatewayContext:
             await self.give_back(leased.lease)
 
     async def give_back(self, lease: Lease) -> None:
-        """End a request's use of its lease: released, or for a session, its idle clock reset."""
-        if lease.session is None:
-            await self.manager.release(lease)
-        else:
-            await self.manager.touch(lease)
+        """End a request's use of its lease (a session's lease stays bound to it)."""
+        await self.manager.put_back(lease)
 
 
 def _filters(country: str | None, tried: set[str]) -> Filter | None:
@@ -216,7 +220,13 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
     return Filter(country=country, predicate=lambda upstream: upstream.id not in excluded)
 
 
+_LOCALHOST = ipaddress.ip_address("127.0.0.1")
+_NOT_IN_IP_LITERALS = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
+
+
 def _ip_literal(host: str) -> _IPAddress | None:
+    if not host or not _NOT_IN_IP_LITERALS.isdisjoint(host):
+        return None  # a name: skip the two exceptions ip_address() would raise
     try:
         return ipaddress.ip_address(host)
     except ValueError:

@@ -131,6 +131,9 @@ class DialPolicy:
         if refused is not None:
             return refused
         address = _unmapped(address)
+        if address.is_unspecified:
+            # Connecting to 0.0.0.0 or :: reaches this host: never a destination of a proxy.
+            return DestinationDenied("unspecified destination address")
         if self._is_own(address, port):
             return LoopDetected("the destination is this gateway")
         if any(address in network for network in self.deny):
@@ -164,6 +167,7 @@ async def dial(
     connect_timeout: float,
     policy: DialPolicy | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    via: bytes | None = None,
 ) -> Dialed:
     """Connect to host:port (`host` a name or an IP literal without brackets) via `upstream`.
 
@@ -171,6 +175,8 @@ async def dial(
     direct dials only (the caller checks literal IP targets of proxied dials itself), with its
     port list for tunnels only.
     `ssl_context` replaces the default verifying context for TLS to an https upstream.
+    `via` goes into the CONNECT sent to an HTTP upstream, so a chain that leads back here is
+    seen as a loop.
     """
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
@@ -179,8 +185,9 @@ async def dial(
     early = b""
     mode = DialMode.TUNNEL
     if scheme is Scheme.HTTP or scheme is Scheme.HTTPS:
+        request = _connect_request(upstream.endpoint, host, port, via) if tunnel else None
         channel, early, mode = await _dial_http(
-            loop, upstream, host, port, tunnel, connect_timeout, ssl_context
+            loop, upstream, request, connect_timeout, ssl_context
         )
     elif scheme is Scheme.DIRECT:
         channel = await _dial_direct(loop, upstream, host, port, tunnel, connect_timeout, policy)
@@ -251,13 +258,11 @@ def _default_tls_context() -> ssl.SSLContext:
 async def _dial_http(
     loop: asyncio.AbstractEventLoop,
     upstream: Upstream,
-    host: str,
-    port: int,
-    tunnel: bool,
+    request: bytes | None,
     timeout: float,
     ssl_context: ssl.SSLContext | None,
 ) -> tuple[Channel, bytes, DialMode]:
-    request = _connect_request(upstream.endpoint, host, port) if tunnel else None
+    """Connect to an HTTP(S) proxy; with a CONNECT `request`, also open the tunnel."""
     channel: Channel | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -275,9 +280,11 @@ async def _dial_http(
     return channel, early, DialMode.TUNNEL
 
 
-def _connect_request(endpoint: Endpoint, host: str, port: int) -> bytes:
+def _connect_request(endpoint: Endpoint, host: str, port: int, via: bytes | None) -> bytes:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     headers = [(b"Host", authority.encode("ascii"))]
+    if via is not None:
+        headers.append((b"Via", via))
     if endpoint.username is not None:
         headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
     return serialize_request_head("CONNECT", authority, headers)

@@ -114,6 +114,7 @@ class Exchange:
         via: bytes,
         idle_timeout: float,
         upstream_is_proxy: bool,
+        request_done: bool = False,
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -127,7 +128,7 @@ class Exchange:
         self._via = via
         self._idle_timeout = idle_timeout
         self._forward_auth_check = upstream_is_proxy
-        self._request_done = False
+        self._request_done = request_done
         self._rechunk_response = False
         self._done: asyncio.Future[None] = client.loop.create_future()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -211,6 +212,8 @@ class Exchange:
             self._upstream_broke(Outcome.PROXY_ERROR)
             return
         for event in events:
+            if self._done.done():
+                return  # e.g. the body of an upstream's 407: not the client's
             if isinstance(event, BodyData):
                 self.bytes_down += len(event.data)
                 self._client.write(
@@ -232,8 +235,14 @@ class Exchange:
             self.outcome = Outcome.PROXY_AUTH_FAILED
             self._finish(ExchangeEnd.UPSTREAM_AUTH)
             return False
-        headers = response_headers(head, self._via)
+        if head.status == 101:
+            # We strip Upgrade from requests: an upstream switching protocols is broken.
+            self._upstream_broke(Outcome.PROXY_ERROR)
+            return False
         interim = 100 <= head.status < 200
+        if interim and self._client_version == "1.0":
+            return True  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
+        headers = response_headers(head, self._via)
         if not interim:
             self.status = head.status
             self.response_started = True
@@ -280,7 +289,6 @@ class Exchange:
     def _upstream_broke(self, outcome: Outcome) -> None:
         self.outcome = outcome
         if self.response_started:
-            self._client.reset()  # a cut-off body must not look complete
             self._finish(ExchangeEnd.ABORTED)
         else:
             self._finish(ExchangeEnd.UPSTREAM_FAILED)
@@ -313,6 +321,8 @@ class Exchange:
         self.end = end
         if end is not ExchangeEnd.DONE:
             self.keep_alive = False
+            if end is ExchangeEnd.ABORTED and self.response_started:
+                self._client.reset()  # a cut-off body must not look complete
         self._done.set_result(None)
 
     def _detach(self) -> None:

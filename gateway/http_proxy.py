@@ -14,7 +14,7 @@ from core.models import Outcome
 from gateway.channel import Channel, ChannelClosed
 from gateway.context import GatewayContext, Leased
 from gateway.dial import DialMode, basic_credentials
-from gateway.errors import AuthRequired, BadRequest, GatewayError, UpstreamError
+from gateway.errors import AuthRequired, BadRequest, GatewayError, NoUpstream, UpstreamError
 from gateway.exchange import Exchange, ExchangeEnd
 from gateway.protocols import (
     BadCredentials,
@@ -161,25 +161,36 @@ async def _forward(
     fields, route = _route(ctx, head, listener_pool)
     ctx.check_destination(head.host, head.port, tunnel=False)
     has_body = head.chunked or bool(head.content_length)
-    attempts_left = 1 if has_body else 2  # only a bodiless request can follow an upstream 407
+    avoid: frozenset[str] = frozenset()
+    auth_error: UpstreamError | None = None
     while True:
-        leased = await ctx.lease_and_dial(route, head.host, head.port, tunnel=False)
         try:
-            end, exchange = await _exchange(ctx, client, parser, held, head, fields, leased)
+            leased = await ctx.lease_and_dial(
+                route, head.host, head.port, tunnel=False, avoid=avoid
+            )
+        except NoUpstream:
+            if auth_error is not None:
+                raise auth_error from None
+            raise
+        try:
+            end, exchange = await _exchange(
+                ctx, client, parser, held, head, fields, leased, retry=auth_error is not None
+            )
         finally:
             leased.dialed.channel.close()
             await ctx.give_back(leased.lease)
         upstream_id = leased.lease.upstream.id
-        if end is ExchangeEnd.UPSTREAM_AUTH:
-            await ctx.manager.report(upstream_id, exchange.outcome, None)
-            attempts_left -= 1
-            if attempts_left:
-                continue
-            raise UpstreamError(
-                exchange.outcome, "upstream proxy rejected its credentials", next_hop=upstream_id
-            )
         if exchange.outcome is not Outcome.OK:
             await ctx.manager.report(upstream_id, exchange.outcome, None)
+        if end is ExchangeEnd.UPSTREAM_AUTH:
+            auth_error = UpstreamError(
+                exchange.outcome, "upstream proxy rejected its credentials", next_hop=upstream_id
+            )
+            # Nothing reached the target; a bodiless request may try one other upstream.
+            if has_body or avoid:
+                raise auth_error
+            avoid = frozenset({upstream_id})
+            continue
         if end is ExchangeEnd.UPSTREAM_FAILED:
             raise UpstreamError(
                 exchange.outcome,
@@ -198,7 +209,11 @@ async def _exchange(
     head: RequestHead,
     fields: ForwardHeaders,
     leased: Leased,
+    *,
+    retry: bool,
 ) -> tuple[ExchangeEnd, Exchange]:
+    """Send the request head and carry the exchange. On a `retry` the request's end has
+    already been read from the client (only bodiless requests are retried)."""
     dialed = leased.dialed
     upstream_is_proxy = dialed.mode is DialMode.FORWARD
     # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
@@ -230,6 +245,7 @@ async def _exchange(
         via=ctx.via,
         idle_timeout=ctx.settings.idle_timeout,
         upstream_is_proxy=upstream_is_proxy,
+        request_done=retry,
     )
     if dialed.early:
         dialed.channel.buffer[:0] = dialed.early

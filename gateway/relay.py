@@ -156,7 +156,10 @@ class _Tunnel:
         for side in (self.client, self.upstream):
             side.set_sink(None)
             side.on_write_pressure(None, None)
-            side.close()
+            if end is RelayEnd.CLOSED:
+                side.close()  # both ways ended: deliver what is still buffered
+            else:
+                side.abort()  # idle, broken or shut down: nobody waits for the rest
         if not self.done.done():
             self.done.set_result(None)
 

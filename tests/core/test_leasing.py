@@ -286,3 +286,39 @@ async def test_callbacks_report_expiry(
     clock.advance(1.0)
     await manager.sweep()
     assert [(e.kind, e.lease.id) for e in events] == [(LeaseEventKind.EXPIRED, lease.id)]
+
+
+async def test_a_bound_session_never_queues_nor_yields_its_lease_to_waiters(
+    manager: LeaseManager, storage: Storage
+) -> None:
+    await make_pool(storage, 2, max_concurrency=1)
+    session = await manager.acquire(LeaseRequest("p", session="s"), timeout=1.0)
+    other = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    waiter = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=30.0))
+    await until_waiting(manager, "p", 1)
+    again = await manager.acquire(LeaseRequest("p", session="s"), timeout=0.0)
+    assert again.id == session.id
+    assert manager.users_of(session) == 2
+    assert not waiter.done()  # the session's upstream was not handed away
+    await manager.put_back(again)
+    await manager.put_back(session)
+    await manager.release(other)
+    await manager.release(await waiter)
+
+
+async def test_a_session_in_use_does_not_expire_until_its_last_user_is_done(
+    manager: LeaseManager, storage: Storage, clock: ManualClock
+) -> None:
+    await make_pool(storage, 2, sticky_ttl=10.0)
+    first = await manager.acquire(LeaseRequest("p", session="s"), timeout=1.0)
+    second = await manager.acquire(LeaseRequest("p", session="s"), timeout=1.0)
+    clock.advance(100.0)
+    assert await manager.sweep() == []  # a long tunnel keeps its session
+    await manager.put_back(first)
+    clock.advance(100.0)
+    assert await manager.sweep() == []  # still one user
+    await manager.put_back(second)
+    clock.advance(9.0)
+    assert await manager.sweep() == []
+    clock.advance(1.0)
+    assert [lease.id for lease in await manager.sweep()] == [first.id]

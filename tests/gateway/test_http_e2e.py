@@ -337,3 +337,49 @@ async def test_a_slow_request_head_gets_408(start_gateway: StartGateway) -> None
     assert (await reader.readline()).startswith(b"HTTP/1.1 408 ")
     writer.close()
     await writer.wait_closed()
+
+
+async def test_a_bodiless_request_refused_by_an_upstream_407_tries_another(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    picky = await fake_http_proxy_factory(auth=("u", "right"))
+    good = await fake_http_proxy_factory()
+    gateway = await start_gateway(
+        pool_toml(
+            picky.url.replace("right", "wrong"),
+            good.url,
+            extra='selector = "first_available"\nretries = 0',
+        )
+    )
+    status, _, body = await fetch(origin.url_for("/echo"), proxy_url(gateway))
+    assert status == 200
+    assert json.loads(body)["peer"] == good.egress
+
+
+async def test_unspecified_destinations_are_refused(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    _, port = gateway.listen_addresses[0]
+    reader, writer = await asyncio.open_connection(*gateway.listen_addresses[0])
+    writer.write(f"CONNECT 0.0.0.0:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"error=destination_ip_prohibited" in answer
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_a_gateway_chained_to_itself_stops_at_once(start_gateway: StartGateway) -> None:
+    port = closed_port()
+    gateway = await start_gateway(
+        f'[gateway]\nlisten = ["127.0.0.1:{port}"]\n'
+        + pool_toml(f"http://127.0.0.1:{port}", extra="retries = 0")
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    writer.close()
+    await writer.wait_closed()
+    stats = await gateway.manager.storage.stats("default", 0)
+    # Only the client's CONNECT leased: the looped one was refused by its Via before leasing.
+    assert stats.total_leases == 1
