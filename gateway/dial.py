@@ -211,9 +211,13 @@ def basic_credentials(endpoint: Endpoint) -> bytes:
 # -- shared ---------------------------------------------------------------------------------------
 
 
-def _fail(upstream: Upstream, outcome: Outcome, details: str) -> UpstreamError:
+def _fail(
+    upstream: Upstream, outcome: Outcome, details: str, *, socks5_reply: int | None = None
+) -> UpstreamError:
     # Always retryable: every dial failure happens before a request byte can reach the target.
-    return UpstreamError(outcome, details, next_hop=upstream.id, retryable=True)
+    return UpstreamError(
+        outcome, details, next_hop=upstream.id, retryable=True, socks5_reply=socks5_reply
+    )
 
 
 def _check_target(upstream: Upstream, host: str, port: int) -> None:
@@ -458,7 +462,14 @@ def _socks_failure(upstream: Upstream, exc: ProxyError) -> UpstreamError:
     code = exc.error_code
     if code is not None:
         outcome = _SOCKS_REPLY_OUTCOMES.get(code, Outcome.PROXY_ERROR)
-        return _fail(upstream, outcome, f"upstream replied SOCKS error 0x{code:02X}")
+        # Pass the upstream's own verdict on (03 network, 04 host unreachable, 06 TTL...).
+        passed_on = code if 0x03 <= code <= 0x06 else None
+        return _fail(
+            upstream,
+            outcome,
+            f"upstream replied SOCKS error 0x{code:02X}",
+            socks5_reply=passed_on,
+        )
     rejection = _auth_rejection(exc)
     if rejection is not None:
         return _fail(upstream, Outcome.PROXY_AUTH_FAILED, rejection)
@@ -622,4 +633,10 @@ def _direct_failure(upstream: Upstream, exc: OSError, *, refused: bool) -> Upstr
     if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
         return _fail(upstream, Outcome.CONNECT_TIMEOUT, "the target did not answer in time")
     code = errno.errorcode.get(exc.errno or 0, "error")
-    return _fail(upstream, Outcome.TARGET_UNREACHABLE, f"cannot reach the target ({code})")
+    network = exc.errno == errno.ENETUNREACH
+    return _fail(
+        upstream,
+        Outcome.TARGET_UNREACHABLE,
+        f"cannot reach the target ({code})",
+        socks5_reply=0x03 if network else 0x04,
+    )

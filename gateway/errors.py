@@ -103,11 +103,15 @@ class UpstreamError(GatewayError):
         *,
         next_hop: str | None = None,
         retryable: bool = True,
+        socks5_reply: int | None = None,
     ) -> None:
         super().__init__(details, next_hop=next_hop)
         self.outcome = outcome
         self.retryable = retryable
         self.status, self.proxy_error, self.socks5_reply = _ANSWERS[outcome]
+        if socks5_reply is not None:
+            # Finer than the outcome: e.g. "network unreachable" (0x03) vs "host" (0x04).
+            self.socks5_reply = socks5_reply
 
 
 # How each failed attempt is answered: HTTP status, RFC 9209 error type, SOCKS5 reply.

@@ -143,3 +143,41 @@ async def test_through_debian_microsocks_and_tinyproxy(
                 assert r.status == 200
                 peers.add(json.loads(await r.read())["peer"])
     assert peers == {socks.egress, http.egress}
+
+
+async def socks5_reply_code(gateway_url: str, host: str, port: int) -> int:
+    with pytest.raises(ProxyError) as caught:
+        await Proxy.from_url(gateway_url).connect(host, port, timeout=5)
+    return int(caught.value.error_code or -1)
+
+
+async def test_socks5_reply_codes_for_busy_unreachable_and_timeout(
+    start_gateway: StartGateway,
+    echo_server: EchoServer,
+    fake_socks5_proxy_factory: FakeSocks5ProxyFactory,
+) -> None:
+    network, host_down, hole = [await fake_socks5_proxy_factory() for _ in range(3)]
+    network.faults.reply_code = 0x03
+    host_down.faults.reply_code = 0x04
+    hole.faults.blackhole = True
+    gateway = await start_gateway(
+        '[gateway]\nlisten = ["127.0.0.1:0"]\nconnect_timeout = 0.3\nacquire_timeout = 0.2\n'
+        'default_pool = "busy"\n'
+        + pool_toml(network.url, name="net", extra="retries = 0")
+        + pool_toml(host_down.url, name="host", extra="retries = 0")
+        + pool_toml(hole.url, name="hole", extra="retries = 0")
+        + pool_toml("direct://", name="busy", extra="max_concurrency = 1")
+    )
+    target_host, target_port = echo_server.address
+    gw_host, gw_port = gateway.listen_addresses[0]
+
+    def url(pool: str) -> str:
+        return f"socks5://u-pool-{pool}:x@{gw_host}:{gw_port}"
+
+    assert await socks5_reply_code(url("net"), target_host, target_port) == 0x03
+    assert await socks5_reply_code(url("host"), target_host, target_port) == 0x04
+    assert await socks5_reply_code(url("hole"), target_host, target_port) == 0x06
+    reader, writer = await open_via(url("busy"), target_host, target_port)  # holds the only slot
+    assert await socks5_reply_code(url("busy"), target_host, target_port) == 0x01
+    writer.close()
+    await writer.wait_closed()
