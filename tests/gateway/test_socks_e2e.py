@@ -177,7 +177,7 @@ async def test_socks5_reply_codes_for_busy_unreachable_and_timeout(
     assert await socks5_reply_code(url("net"), target_host, target_port) == 0x03
     assert await socks5_reply_code(url("host"), target_host, target_port) == 0x04
     assert await socks5_reply_code(url("hole"), target_host, target_port) == 0x06
-    reader, writer = await open_via(url("busy"), target_host, target_port)  # holds the only slot
+    _, writer = await open_via(url("busy"), target_host, target_port)  # holds the only slot
     assert await socks5_reply_code(url("busy"), target_host, target_port) == 0x01
     writer.close()
     await writer.wait_closed()
