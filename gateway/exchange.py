@@ -27,6 +27,7 @@ from gateway.protocols import (
     encode_chunk,
     serialize_response_head,
 )
+from gateway.protocols.http1 import REASON_PHRASES
 
 __all__ = ["Exchange", "ExchangeEnd", "response_headers"]
 
@@ -44,7 +45,6 @@ _HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-_REASON_OK = {200: "OK"}
 
 
 class ExchangeEnd(StrEnum):
@@ -251,7 +251,7 @@ class Exchange:
             self._frame_response(head, headers)
         self._client.write(
             serialize_response_head(
-                head.status, head.reason or _REASON_OK.get(head.status, ""), headers
+                head.status, head.reason or REASON_PHRASES.get(head.status, ""), headers
             )
         )
         return True
