@@ -118,7 +118,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def eventually(predicate: Any, timeout: float = 2.0) -> None:
+async def eventually(predicate: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -782,7 +782,7 @@ async def test_cancelled_dial_closes_its_socket(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.wait_for(proxy.peer_closed.wait(), 2)
+    await asyncio.wait_for(proxy.peer_closed.wait(), 10)
     await eventually(lambda: open_fds() <= before)
     gc.collect()  # an unclosed socket would raise its ResourceWarning here (warnings are errors)
 
@@ -801,7 +801,7 @@ async def test_timed_out_dial_closes_its_socket(
         connect_timeout=TIMEOUT,
         ssl_context=tls_material.client_context(),
     )
-    await asyncio.wait_for(proxy.peer_closed.wait(), 2)
+    await asyncio.wait_for(proxy.peer_closed.wait(), 10)
     await eventually(lambda: open_fds() <= before)
     gc.collect()
 

@@ -313,7 +313,7 @@ async def test_stop_does_not_wait_for_idle_keep_alive_connections(
     # The response is complete; the connection idles between requests.
     stopping = asyncio.create_task(gateway.stop(drain_timeout=30))
     try:
-        await asyncio.wait_for(asyncio.shield(stopping), 1.5)
+        await asyncio.wait_for(asyncio.shield(stopping), 5.0)  # far below the drain window
         assert await closed_by_peer(reader)
     finally:
         await close(writer)  # the client leaves, so the stop ends either way
@@ -327,7 +327,7 @@ async def test_stop_with_a_zero_drain_cuts_open_tunnels_at_once(
     reader, writer = await open_tunnel(gateway.listen_addresses[0], authority(echo_server))
     stopping = asyncio.create_task(gateway.stop(drain_timeout=0))
     try:
-        await asyncio.wait_for(asyncio.shield(stopping), 1.5)
+        await asyncio.wait_for(asyncio.shield(stopping), 5.0)  # far below the drain window
         assert await closed_by_peer(reader)
     finally:
         await close(writer)  # the tunnel ends, so the stop does too
