@@ -104,7 +104,7 @@ class GatewayContext:
         if refused is not None:
             raise refused
 
-    def check_via(self, via_values: list[bytes]) -> None:
+    def check_via(self, via_values: tuple[bytes, ...]) -> None:
         """A request that already passed through this gateway is a loop."""
         marker = self.via[4:]
         for value in via_values:

@@ -57,15 +57,17 @@ class ExchangeEnd(StrEnum):
 def response_headers(head: ResponseHead, via: bytes) -> list[tuple[bytes, bytes]]:
     """The response head's fields as forwarded: hop-by-hop ones (and those named in
     Connection) dropped, our Via added."""
+    kept: list[tuple[bytes, bytes]] = []
     named: set[bytes] = set()
     for name, value in head.headers:
-        if name.lower() == b"connection":
+        lower = name.lower()
+        if lower not in _HOP_BY_HOP:
+            kept.append((name, value))
+        elif lower == b"connection":
             named.update(t.strip().lower() for t in value.split(b","))
-    kept = [
-        (name, value)
-        for name, value in head.headers
-        if (lower := name.lower()) not in _HOP_BY_HOP and lower not in named
-    ]
+    named -= _HOP_BY_HOP
+    if named:
+        kept = [pair for pair in kept if pair[0].lower() not in named]
     kept.append((b"Via", via))
     return kept
 
@@ -93,11 +95,10 @@ class Exchange:
         "bytes_down",
         "bytes_up",
         "end",
-        "first_byte_at",
+        "got_response",
         "keep_alive",
         "outcome",
         "response_started",
-        "status",
     )
 
     def __init__(
@@ -138,10 +139,9 @@ class Exchange:
         self.outcome = Outcome.OK
         self.response_started = False
         self.keep_alive = client_keep_alive
-        self.status = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.first_byte_at = 0.0
+        self.got_response = False
 
     async def run(self) -> ExchangeEnd:
         """Carry the request body and the response; return how it ended."""
@@ -204,8 +204,7 @@ class Exchange:
     # -- upstream side ------------------------------------------------------------------------
 
     def _from_upstream(self, data: bytes) -> None:
-        if not self.first_byte_at:
-            self.first_byte_at = self._client.loop.time()
+        self.got_response = True
         try:
             events = self._response_parser.feed(data)
         except HttpProtocolError:
@@ -244,7 +243,6 @@ class Exchange:
             return True  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         headers = response_headers(head, self._via)
         if not interim:
-            self.status = head.status
             self.response_started = True
             if head.status >= 500:
                 self.outcome = Outcome.TARGET_ERROR
@@ -304,7 +302,7 @@ class Exchange:
     # -- common -------------------------------------------------------------------------------
 
     def _check_idle(self) -> None:
-        progress = self.bytes_up + self.bytes_down + (1 if self.first_byte_at else 0)
+        progress = self.bytes_up + self.bytes_down + self.got_response
         if progress != self._last_progress:
             self._last_progress = progress
             self._quiet_checks = 0

@@ -127,7 +127,7 @@ def _route(
         listener_pool=listener_pool,
         default_pool=ctx.settings.default_pool,
     )
-    ctx.check_via([value for name, value in fields.headers if name.lower() == b"via"])
+    ctx.check_via(fields.via)
     return fields, route
 
 

@@ -55,10 +55,6 @@ async def serve_socks5(ctx: GatewayContext, client: Channel, listener_pool: str 
     except (TimeoutError, ChannelClosed):
         client.close()
         return
-    if params is None and ctx.auth_required:  # cannot happen: the parser insists on auth
-        client.write(server.reply(0x02))
-        client.close()
-        return
     try:
         await _tunnel(ctx, client, listener_pool, params, connect.host, connect.port, server)
     except GatewayError as exc:

@@ -41,11 +41,12 @@ _EXTRACTED = {
 
 # What split_proxy_headers does with a field. The usual spellings hit `_ACTION` directly; only a
 # name with the length of a listed one pays for lower() (bytes cache their hash, lower allocates).
-_KEEP, _DROP, _CONNECTION, _EXTRACT = range(4)
+_KEEP, _DROP, _CONNECTION, _EXTRACT, _VIA = range(5)
 _ACTION_LOWER = {
     **dict.fromkeys(_HOP_BY_HOP, _DROP),
     b"connection": _CONNECTION,
     **dict.fromkeys(_EXTRACTED, _EXTRACT),
+    b"via": _VIA,
 }
 _ACTION = {**_ACTION_LOWER, **{k.title(): v for k, v in _ACTION_LOWER.items()}, b"TE": _DROP}
 _ACTION_LENGTHS = frozenset(len(k) for k in _ACTION_LOWER)
@@ -65,7 +66,8 @@ class ForwardHeaders:
     """`headers` to forward (order and case kept) and what was addressed to the gateway.
 
     Routing values are decoded as Latin-1 (lossless); validating them is the caller's job.
-    `proxy_authorization` is the raw field value, kept out of `repr`.
+    `proxy_authorization` is the raw field value, kept out of `repr`. `via` holds the values of
+    the Via fields (which are forwarded too), for loop detection without another pass.
     """
 
     headers: Headers
@@ -73,6 +75,7 @@ class ForwardHeaders:
     session: str | None
     country: str | None
     proxy_authorization: bytes | None = field(default=None, repr=False)
+    via: tuple[bytes, ...] = ()
 
 
 class BadCredentials(ValueError):
@@ -91,6 +94,7 @@ def split_proxy_headers(headers: Iterable[tuple[bytes, bytes]]) -> ForwardHeader
     """
     kept: list[tuple[bytes, bytes]] = []
     extracted: dict[bytes, bytes] = {}
+    via: list[bytes] = []
     options: set[bytes] | None = None
     for pair in headers:
         name = pair[0]
@@ -108,6 +112,9 @@ def split_proxy_headers(headers: Iterable[tuple[bytes, bytes]]) -> ForwardHeader
                 action = _DROP
         if action == _KEEP:
             kept.append(pair)
+        elif action == _VIA:
+            kept.append(pair)
+            via.append(pair[1])
         elif action == _CONNECTION and pair[1] not in _PLAIN_CONNECTION:
             tokens = [t.strip(b" \t") for t in pair[1].lower().split(b",")]
             options = set(tokens) if options is None else options.union(tokens)
@@ -128,6 +135,7 @@ def split_proxy_headers(headers: Iterable[tuple[bytes, bytes]]) -> ForwardHeader
         _text(extracted.get(_SESSION)),
         _text(extracted.get(_COUNTRY)),
         extracted.get(_AUTHORIZATION),
+        tuple(via),
     )
 
 

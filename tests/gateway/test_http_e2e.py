@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.gateway.conftest import StartGateway, proxy_url
+from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import closed_port
 from tests.support.origin import Origin, TlsMaterial, pattern, pattern_sha256
@@ -59,7 +60,7 @@ async def test_requests_rotate_across_upstreams_even_on_one_connection(
     fake_http_proxy_factory: FakeHttpProxyFactory,
     fake_socks5_proxy_factory: FakeSocks5ProxyFactory,
 ) -> None:
-    upstreams = [
+    upstreams: list[FakeHttpProxy | FakeSocks5Proxy] = [
         await fake_http_proxy_factory(),
         await fake_http_proxy_factory(),
         await fake_socks5_proxy_factory(),

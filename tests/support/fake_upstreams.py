@@ -22,7 +22,7 @@ import errno
 import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 from tests.support.net import (
@@ -82,8 +82,11 @@ class DialError(Exception):
         self.socks_reply = socks_reply
 
 
-class _FakeUpstream(TcpServer):
-    """Shared parts: faults, credentials, egress and loopback-only dialing."""
+Recorded = TypeVar("Recorded")
+
+
+class _FakeUpstream(TcpServer, Generic[Recorded]):
+    """Shared parts: faults, credentials, egress, loopback-only dialing, recorded requests."""
 
     scheme = ""
 
@@ -108,6 +111,8 @@ class _FakeUpstream(TcpServer):
         self.faults = Faults()
         #: (host, port) of every target dialed, in order.
         self.dialed: list[tuple[str, int]] = []
+        #: Every request received, in order.
+        self.requests: list[Recorded] = []
 
     @property
     def url(self) -> str:
@@ -232,7 +237,7 @@ def _without_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-class FakeHttpProxy(_FakeUpstream):
+class FakeHttpProxy(_FakeUpstream[ProxyRequest]):
     """An HTTP proxy: CONNECT tunnels and absolute-form requests (one per connection).
 
     `requests` records each request head as received, so tests see which headers reached the
@@ -240,21 +245,6 @@ class FakeHttpProxy(_FakeUpstream):
     """
 
     scheme = "http"
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        egress: str | None = None,
-        auth: tuple[str, str] | None = None,
-        hosts: dict[str, str] | None = None,
-        dial_timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            host, port, egress=egress, auth=auth, hosts=hosts, dial_timeout=dial_timeout
-        )
-        self.requests: list[ProxyRequest] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self._take_faults()
@@ -430,25 +420,10 @@ class SocksRequest:
     peer: tuple[str, int] = field(default=("", 0))
 
 
-class FakeSocks5Proxy(_FakeUpstream):
+class FakeSocks5Proxy(_FakeUpstream[SocksRequest]):
     """A SOCKS5 server: no auth, or RFC 1929 user/password when `auth` is set; CONNECT only."""
 
     scheme = "socks5"
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        egress: str | None = None,
-        auth: tuple[str, str] | None = None,
-        hosts: dict[str, str] | None = None,
-        dial_timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            host, port, egress=egress, auth=auth, hosts=hosts, dial_timeout=dial_timeout
-        )
-        self.requests: list[SocksRequest] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self._take_faults()
