@@ -8,6 +8,7 @@ __all__ = [
     "InvalidUpstreamURL",
     "NoUpstreamAvailable",
     "PoolNotFound",
+    "SessionFailed",
     "UpstreamNotFound",
 ]
 
@@ -48,3 +49,14 @@ class NoUpstreamAvailable(CoreError):
         self.pool = pool
         self.waited = waited
         self.reason = reason
+
+
+class SessionFailed(CoreError):
+    """A session whose upstream failed, in a pool whose `on_sticky_failure` is `fail`: its
+    requests fail until it expires."""
+
+    def __init__(self, pool: str, session: str, upstream_id: str) -> None:
+        super().__init__(f"session {session!r} of pool {pool!r} lost its upstream {upstream_id}")
+        self.pool = pool
+        self.session = session
+        self.upstream_id = upstream_id

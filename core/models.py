@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Consumer",
+    "HealthPolicy",
     "HealthStatus",
     "Lease",
     "LeaseRequest",
@@ -21,6 +22,7 @@ __all__ = [
     "Pool",
     "PoolStats",
     "Selector",
+    "StickyFailure",
     "Upstream",
     "upstream_id_for",
 ]
@@ -79,6 +81,40 @@ _TARGET_FAULTS = frozenset(
 )
 
 
+class StickyFailure(StrEnum):
+    """What a session does when its upstream fails or is ejected."""
+
+    #: Bind the session to another upstream, keeping its id.
+    REBIND = "rebind"
+    #: Bind it to another upstream with the same country as the failed one.
+    REBIND_MATCHING = "rebind_matching"
+    #: Its requests fail until the session expires.
+    FAIL = "fail"
+
+
+@dataclass(slots=True, frozen=True)
+class HealthPolicy:
+    """When a pool ejects its upstreams (see `core.health`)."""
+
+    #: Consecutive upstream-side failures that eject (a rejected credential ejects at once).
+    failures_to_eject: int = 5
+    #: An ejection lasts this many seconds times the number of times the upstream was ejected,
+    base_ejection_s: float = 30.0
+    #: up to this.
+    max_ejection_s: float = 300.0
+    #: Never more of the pool ejected than this; beyond it the pool panics and keeps them.
+    max_ejection_percent: float = 50.0
+    #: The sliding window of the success rate, in seconds.
+    window_s: float = 60.0
+    #: Eject upstreams whose success rate is far below the pool's (checked periodically).
+    success_rate_ejection: bool = False
+    success_rate_min_requests: int = 20
+    success_rate_min_upstreams: int = 5
+    success_rate_stdev_factor: float = 1.9
+    #: Results kept per upstream for inspection.
+    history_size: int = 50
+
+
 @dataclass(slots=True)
 class Pool:
     name: str
@@ -88,6 +124,8 @@ class Pool:
     #: Leases allowed at once per upstream, unless the upstream sets its own; None is unlimited.
     max_concurrency: int | None = None
     description: str = ""
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    on_sticky_failure: StickyFailure = StickyFailure.REBIND
 
 
 def upstream_id_for(pool: str, endpoint: Endpoint) -> str:
@@ -125,6 +163,12 @@ class Upstream:
     checked_at: float | None = None
     ejected_until: float | None = None
     times_ejected: int = 0
+    # The success-rate window: the current bucket and the one before (`core.health`).
+    window_start: float | None = None
+    window_ok: int = 0
+    window_failed: int = 0
+    previous_ok: int = 0
+    previous_failed: int = 0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -167,6 +211,8 @@ class Lease:
     idle_ttl: float | None = None
     #: How many acquires this lease has served: more than one for a session's lease.
     uses: int = 1
+    #: Set on a session's new lease when the session left a failed upstream: that one's id.
+    rebound_from: str | None = None
 
     @property
     def upstream_id(self) -> str:
@@ -202,3 +248,6 @@ class PoolStats:
     #: Leases granted since the pool was created (a session's lease counts once).
     total_leases: int
     collected_at: float
+    #: An upstream that failed enough to be ejected is kept, because the pool is at its
+    #: `max_ejection_percent`.
+    panic: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from core.health import HealthRecord, HealthUpdate, RecordSource
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
 
 __all__ = ["UPSTREAM_ATTRIBUTES", "Storage"]
@@ -79,10 +80,17 @@ class Storage(Protocol):
     async def acquire(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
         """Lease one upstream of `request.pool` chosen by its selector, or None if all are busy.
 
-        With a session id, the session's live lease is returned (its idle expiry pushed back)
-        instead of a new one. Raises PoolNotFound, and NoUpstreamAvailable when no upstream
-        could ever match (none in the pool, none passing the filters, all ejected): waiting
-        for a release would be in vain.
+        With a session id, the session's live lease is returned (its `uses` counted, its idle
+        expiry pushed back) instead of a new one. A session whose upstream is ejected or
+        removed follows the pool's `on_sticky_failure`: `rebind` binds it to another upstream,
+        `rebind_matching` to another with the failed one's country (the new lease's
+        `rebound_from` names the failed upstream), `fail` raises SessionFailed until the
+        session's idle TTL has passed. A session that was `unbind_session`-ed binds anew the
+        same way.
+
+        Raises PoolNotFound, and NoUpstreamAvailable when no upstream could ever match (none in
+        the pool, none passing the filters, all ejected): waiting for a release would be in
+        vain.
         """
         ...
 
@@ -91,11 +99,25 @@ class Storage(Protocol):
         ...
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
-        """Move a held lease's expiry. False if it is no longer held."""
+        """Move a held lease's expiry. False if it is no longer held.
+
+        A session's lease that its session has left (`unbind_session`) is released instead
+        when given an expiry (its last user is done with it), and False returned.
+        """
+        ...
+
+    async def unbind_session(self, lease: Lease, now: float, *, fail_for: float | None) -> None:
+        """Part a session from its lease, whose upstream failed.
+
+        The session's next acquire binds anew (its lease's `rebound_from` set), or, with
+        `fail_for`, raises SessionFailed for that many seconds. The lease stays held while in
+        use (no expiry set) and is released at once otherwise.
+        """
         ...
 
     async def release_expired(self, now: float) -> list[Lease]:
-        """Release every lease whose `expires_at` is at or before `now`; return them."""
+        """Release every lease whose `expires_at` is at or before `now`; return them. Failed
+        sessions whose time is up are forgotten too."""
         ...
 
     async def list_leases(self, pool: str | None = None) -> list[Lease]: ...
@@ -103,19 +125,42 @@ class Storage(Protocol):
     # -- health -------------------------------------------------------------------------------
 
     async def record_outcome(
-        self, upstream_id: str, outcome: Outcome, latency: float | None, now: float
-    ) -> Upstream:
-        """Fold one attempt's result into the upstream's health; return the upstream after.
+        self,
+        upstream_id: str,
+        outcome: Outcome,
+        latency: float | None,
+        now: float,
+        *,
+        source: RecordSource = RecordSource.TRAFFIC,
+        detail: str | None = None,
+    ) -> HealthUpdate:
+        """Fold one attempt's result into the upstream's health, under its pool's policy.
 
-        `ok` resets the failure streak and feeds the latency EWMA; an outcome that counts
-        against the upstream lengthens the streak; a target-side outcome changes neither.
+        In one step: `core.health.observe` updates the health fields; a result that calls for
+        ejection ejects the upstream until `core.health.ejection_end` if
+        `core.health.ejection_allowed` (else the transition is PANIC and it stays); the result
+        is appended to the upstream's history, which keeps the pool's `history_size` newest.
         """
         ...
 
     async def eject(self, upstream_id: str, until: float, now: float) -> Upstream:
-        """Stop leasing an upstream until re-admitted (`until` is when it is due back)."""
+        """Stop leasing an upstream until re-admitted (`until` is when it is due back).
+
+        Counts as one more ejection (`times_ejected`), whatever the cap: callers that must
+        respect `max_ejection_percent` check `ejection_allowed` first.
+        """
         ...
 
-    async def readmit(self, upstream_id: str, now: float) -> Upstream: ...
+    async def readmit(self, upstream_id: str, now: float) -> Upstream:
+        """Lease an ejected upstream again (its failure streak starts over)."""
+        ...
+
+    async def readmit_due(self, now: float) -> list[Upstream]:
+        """Re-admit every upstream whose ejection ended at or before `now`; return them."""
+        ...
+
+    async def history(self, upstream_id: str) -> list[HealthRecord]:
+        """The upstream's latest results, oldest first."""
+        ...
 
     async def stats(self, pool: str, now: float) -> PoolStats: ...

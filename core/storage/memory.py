@@ -7,15 +7,25 @@ lease leaves no trace, so the millionth acquire costs what the first did.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
 import sys
+from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
-from core.errors import CatalogError, NoUpstreamAvailable, PoolNotFound, UpstreamNotFound
+from core import health
+from core.errors import (
+    CatalogError,
+    NoUpstreamAvailable,
+    PoolNotFound,
+    SessionFailed,
+    UpstreamNotFound,
+)
 from core.filters import Filter
+from core.health import HealthRecord, HealthUpdate, RecordSource, Transition
 from core.models import (
     HealthStatus,
     Lease,
@@ -24,16 +34,26 @@ from core.models import (
     Pool,
     PoolStats,
     Selector,
+    StickyFailure,
     Upstream,
 )
 from core.selectors import Slot, SlotIndex, choose, make_index
 from core.storage.interface import UPSTREAM_ATTRIBUTES
 
-__all__ = ["LATENCY_EWMA_ALPHA", "MemoryStorage"]
+__all__ = ["MemoryStorage"]
 
-#: Weight of the newest sample in an upstream's latency EWMA.
-LATENCY_EWMA_ALPHA = 0.3
 _UNLIMITED = sys.maxsize
+_SessionKey = tuple[str, str, str]
+# A `HealthRecord`'s fields: a tuple per result is what a hot path can afford.
+_HistoryEntry = tuple[float, Outcome, float | None, RecordSource, str | None]
+
+
+class _Parted(NamedTuple):
+    """A session that left a failed upstream, until it binds anew (or, failed, until `until`)."""
+
+    upstream_id: str
+    country: str | None
+    until: float | None
 
 
 class _PoolState:
@@ -43,6 +63,7 @@ class _PoolState:
         "by_scheme",
         "ejected",
         "indexes",
+        "kept_failing",
         "leased",
         "leases_held",
         "pool",
@@ -58,6 +79,8 @@ class _PoolState:
         self.by_scheme: dict[str, dict[str, Slot]] = {}
         self.available = 0
         self.ejected = 0
+        #: Active upstreams failing enough to be ejected, kept by the ejection cap (panic).
+        self.kept_failing = 0
         self.leased = 0
         self.leases_held = 0
         self.total_leases = 0
@@ -71,7 +94,11 @@ class MemoryStorage:
         self._pools: dict[str, _PoolState] = {}
         self._slots: dict[str, Slot] = {}
         self._held: dict[str, tuple[Lease, Slot]] = {}
-        self._sessions: dict[tuple[str, str, str], Lease] = {}
+        self._sessions: dict[_SessionKey, Lease] = {}
+        self._parted: dict[_SessionKey, _Parted] = {}
+        # Leases their session has left while in use: released when their last user is done.
+        self._unbound: set[str] = set()
+        self._history: dict[str, deque[_HistoryEntry]] = {}
         # Expiry queue: (expires_at, lease id); `_queued_at` marks the entry that is current.
         self._expiry: list[tuple[float, str]] = []
         self._queued_at: dict[str, float] = {}
@@ -95,8 +122,10 @@ class MemoryStorage:
     async def update_pool(self, pool: Pool) -> None:
         state = self._pool_state(pool.name)
         state.pool = pool
+        state.kept_failing = 0
         for slot in state.slots.values():
             slot.limit = self._limit_of(slot.upstream, pool)
+            state.kept_failing += self._kept_failing(state, slot.upstream)
             self._refresh(state, slot)
 
     async def remove_pool(self, name: str) -> None:
@@ -105,6 +134,7 @@ class MemoryStorage:
             raise CatalogError(f"pool {name!r} still holds {state.leases_held} leases")
         for upstream_id in state.slots:
             del self._slots[upstream_id]
+            self._history.pop(upstream_id, None)
         del self._pools[name]
 
     async def get_pool(self, name: str) -> Pool:
@@ -130,6 +160,7 @@ class MemoryStorage:
             self._index_attributes(state, slot)
             if upstream.status is HealthStatus.EJECTED:
                 state.ejected += 1
+            state.kept_failing += self._kept_failing(state, upstream)
             self._refresh(state, slot)
         return len(batch)
 
@@ -160,9 +191,11 @@ class MemoryStorage:
         self._refresh(state, slot)
         if slot.upstream.status is HealthStatus.EJECTED:
             state.ejected -= 1
+        state.kept_failing -= self._kept_failing(state, slot.upstream)
         self._unindex_attributes(state, slot)
         del state.slots[upstream_id]
         del self._slots[upstream_id]
+        self._history.pop(upstream_id, None)
 
     async def get_upstream(self, upstream_id: str) -> Upstream:
         return self._slot(upstream_id).upstream
@@ -195,8 +228,19 @@ class MemoryStorage:
         entry = self._held.get(lease.id)
         if entry is None:
             return False
+        if expires_at is not None and lease.id in self._unbound:
+            del self._held[lease.id]
+            self._drop(*entry)
+            return False
         self._set_expiry(entry[0], expires_at)
         return True
+
+    async def unbind_session(self, lease: Lease, now: float, *, fail_for: float | None) -> None:
+        if lease.session is None:
+            return
+        key = (lease.pool, lease.consumer, lease.session)
+        if self._sessions.get(key) is lease:
+            self._unbind(key, lease, now, fail_for)
 
     async def release_expired(self, now: float) -> list[Lease]:
         expired: list[Lease] = []
@@ -214,6 +258,10 @@ class MemoryStorage:
                 continue
             self._drop(*self._held.pop(lease_id))
             expired.append(lease)
+        if self._parted:
+            for key, parted in list(self._parted.items()):
+                if parted.until is not None and parted.until <= now:
+                    del self._parted[key]
         return expired
 
     async def list_leases(self, pool: str | None = None) -> list[Lease]:
@@ -222,54 +270,71 @@ class MemoryStorage:
     # -- health -------------------------------------------------------------------------------
 
     async def record_outcome(
-        self, upstream_id: str, outcome: Outcome, latency: float | None, now: float
-    ) -> Upstream:
+        self,
+        upstream_id: str,
+        outcome: Outcome,
+        latency: float | None,
+        now: float,
+        *,
+        source: RecordSource = RecordSource.TRAFFIC,
+        detail: str | None = None,
+    ) -> HealthUpdate:
         slot = self._slot(upstream_id)
         upstream = slot.upstream
-        upstream.checked_at = now
-        if outcome is Outcome.OK:
-            upstream.failure_streak = 0
-            if latency is not None:
-                previous = upstream.latency_ewma
-                upstream.latency_ewma = (
-                    latency
-                    if previous is None
-                    else previous + LATENCY_EWMA_ALPHA * (latency - previous)
-                )
-                for index in self._pools[upstream.pool].indexes.values():
-                    index.on_latency(slot)
-        elif outcome.counts_against_upstream:
-            upstream.failure_streak += 1
-            upstream.last_error = outcome.value
-        elif not outcome.is_target_fault:
-            upstream.last_error = outcome.value
-        return upstream
+        state = self._pools[upstream.pool]
+        policy = state.pool.health
+        kept_before = self._kept_failing(state, upstream)
+        ewma_before = upstream.latency_ewma
+        transition = Transition.NONE
+        if health.observe(upstream, outcome, latency, now, policy):
+            if health.ejection_allowed(len(state.slots), state.ejected, policy):
+                until = health.ejection_end(upstream.times_ejected + 1, now, policy)
+                self._eject(state, slot, until, now)
+                transition = Transition.EJECTED
+            else:
+                transition = Transition.PANIC
+        elif upstream.latency_ewma != ewma_before:
+            for index in state.indexes.values():
+                index.on_latency(slot)
+        state.kept_failing += self._kept_failing(state, upstream) - kept_before
+        history = self._history.get(upstream_id)
+        if history is None or history.maxlen != policy.history_size:
+            history = self._history[upstream_id] = deque(history or (), policy.history_size)
+        history.append((now, outcome, latency, source, detail))
+        return HealthUpdate(upstream, transition)
 
     async def eject(self, upstream_id: str, until: float, now: float) -> Upstream:
         slot = self._slot(upstream_id)
-        upstream = slot.upstream
-        state = self._pools[upstream.pool]
-        if upstream.status is not HealthStatus.EJECTED:
-            upstream.status = HealthStatus.EJECTED
-            state.ejected += 1
-        upstream.ejected_until = until
-        upstream.times_ejected += 1
-        upstream.checked_at = now
-        self._refresh(state, slot)
-        return upstream
+        state = self._pools[slot.upstream.pool]
+        kept_before = self._kept_failing(state, slot.upstream)
+        self._eject(state, slot, until, now)
+        state.kept_failing -= kept_before
+        return slot.upstream
 
     async def readmit(self, upstream_id: str, now: float) -> Upstream:
         slot = self._slot(upstream_id)
-        upstream = slot.upstream
-        state = self._pools[upstream.pool]
-        if upstream.status is HealthStatus.EJECTED:
-            upstream.status = HealthStatus.ACTIVE
-            state.ejected -= 1
-        upstream.ejected_until = None
-        upstream.failure_streak = 0
-        upstream.checked_at = now
-        self._refresh(state, slot)
-        return upstream
+        self._readmit(self._pools[slot.upstream.pool], slot, now)
+        return slot.upstream
+
+    async def readmit_due(self, now: float) -> list[Upstream]:
+        due: list[Upstream] = []
+        for state in self._pools.values():
+            if not state.ejected:
+                continue
+            for slot in state.slots.values():
+                upstream = slot.upstream
+                if (
+                    upstream.status is HealthStatus.EJECTED
+                    and upstream.ejected_until is not None
+                    and upstream.ejected_until <= now
+                ):
+                    self._readmit(state, slot, now)
+                    due.append(upstream)
+        return due
+
+    async def history(self, upstream_id: str) -> list[HealthRecord]:
+        self._slot(upstream_id)
+        return [HealthRecord(*entry) for entry in self._history.get(upstream_id, ())]
 
     async def stats(self, pool: str, now: float) -> PoolStats:
         state = self._pool_state(pool)
@@ -284,6 +349,7 @@ class MemoryStorage:
             leases_held=state.leases_held,
             total_leases=state.total_leases,
             collected_at=now,
+            panic=state.kept_failing > 0,
         )
 
     # -- internals ----------------------------------------------------------------------------
@@ -388,30 +454,96 @@ class MemoryStorage:
         self, state: _PoolState, request: LeaseRequest, holder: str, now: float
     ) -> Lease | None:
         assert request.session is not None
-        key = (state.pool.name, request.consumer, request.session)
-        ttl = state.pool.sticky_ttl if request.session_ttl is None else request.session_ttl
+        pool = state.pool
+        key = (pool.name, request.consumer, request.session)
+        ttl = pool.sticky_ttl if request.session_ttl is None else request.session_ttl
+        parted = self._parted.get(key)
+        if parted is not None and parted.until is not None:
+            if parted.until > now:
+                raise SessionFailed(pool.name, request.session, parted.upstream_id)
+            del self._parted[key]
+            parted = None
         lease = self._sessions.get(key)
         if lease is not None:
             bound = self._held[lease.id][1]
             alive = lease.expires_at is None or lease.expires_at > now
-            if alive and not bound.retired and bound.upstream.status is HealthStatus.ACTIVE:
+            healthy = not bound.retired and bound.upstream.status is HealthStatus.ACTIVE
+            if alive and healthy:
                 lease.uses += 1
                 self._set_expiry(lease, now + ttl)
                 return lease
-            # Idle too long, or its upstream is gone: end it and bind the session anew.
-            self._drop(*self._held.pop(lease.id))
+            if not alive:
+                self._drop(*self._held.pop(lease.id))  # idle too long: a new session
+            else:
+                fail = pool.on_sticky_failure is StickyFailure.FAIL
+                parted = self._unbind(key, lease, now, lease.idle_ttl if fail else None)
+                if fail:
+                    raise SessionFailed(pool.name, request.session, parted.upstream_id)
+        if (
+            parted is not None
+            and parted.country is not None
+            and pool.on_sticky_failure is StickyFailure.REBIND_MATCHING
+        ):
+            request = _with_country(request, parted.country)
         slot = self._pick(state, request)
         if slot is None:
             return None
         lease = self._grant(state, slot, request, holder, now, now + ttl)
         lease.idle_ttl = ttl
+        if parted is not None:
+            lease.rebound_from = parted.upstream_id
+            del self._parted[key]
         self._sessions[key] = lease
         return lease
+
+    def _unbind(
+        self, key: _SessionKey, lease: Lease, now: float, fail_for: float | None
+    ) -> _Parted:
+        del self._sessions[key]
+        upstream = lease.upstream
+        parted = self._parted[key] = _Parted(
+            upstream.id, upstream.country, None if fail_for is None else now + fail_for
+        )
+        if lease.expires_at is None:
+            self._unbound.add(lease.id)  # in use: its last user's renew releases it
+        else:
+            self._drop(*self._held.pop(lease.id))
+        return parted
+
+    def _eject(self, state: _PoolState, slot: Slot, until: float, now: float) -> None:
+        upstream = slot.upstream
+        if upstream.status is not HealthStatus.EJECTED:
+            upstream.status = HealthStatus.EJECTED
+            state.ejected += 1
+        upstream.ejected_until = until
+        upstream.times_ejected += 1
+        upstream.checked_at = now
+        self._refresh(state, slot)
+
+    def _readmit(self, state: _PoolState, slot: Slot, now: float) -> None:
+        upstream = slot.upstream
+        if upstream.status is HealthStatus.EJECTED:
+            upstream.status = HealthStatus.ACTIVE
+            state.ejected -= 1
+        elif self._kept_failing(state, upstream):
+            state.kept_failing -= 1
+        upstream.ejected_until = None
+        upstream.failure_streak = 0
+        upstream.checked_at = now
+        self._refresh(state, slot)
+
+    @staticmethod
+    def _kept_failing(state: _PoolState, upstream: Upstream) -> int:
+        return int(
+            upstream.status is HealthStatus.ACTIVE
+            and upstream.failure_streak >= state.pool.health.failures_to_eject
+        )
 
     def _drop(self, lease: Lease, slot: Slot) -> None:
         """Undo a grant; the caller has removed the lease from `_held`."""
         state = self._pools[lease.pool]
         self._queued_at.pop(lease.id, None)
+        self._unbound.discard(lease.id)
         if lease.session is not None:
             key = (lease.pool, lease.consumer, lease.session)
             if self._sessions.get(key) is lease:
@@ -479,3 +611,14 @@ class MemoryStorage:
         if upstream.country is not None:
             state.by_country.get(upstream.country, {}).pop(upstream.id, None)
         state.by_scheme.get(upstream.scheme.value, {}).pop(upstream.id, None)
+
+
+def _with_country(request: LeaseRequest, country: str) -> LeaseRequest:
+    filters = request.filters
+    if filters is None:
+        filters = Filter(country=country)
+    elif filters.country is None:
+        filters = dataclasses.replace(filters, country=country)
+    elif filters.country != country.upper():
+        filters = Filter(all_of=(filters, Filter(country=country)))  # matches nothing: says so
+    return dataclasses.replace(request, filters=filters)

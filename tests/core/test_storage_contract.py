@@ -503,20 +503,20 @@ async def test_releasing_a_session_lease_ends_the_session(storage: Storage) -> N
 async def test_outcomes_update_streak_latency_and_last_error(storage: Storage) -> None:
     members = await make_pool(storage, 1)
     uid = members[0].id
-    after = await storage.record_outcome(uid, Outcome.CONNECT_REFUSED, None, NOW)
-    after = await storage.record_outcome(uid, Outcome.CONNECT_TIMEOUT, None, NOW + 1)
+    await storage.record_outcome(uid, Outcome.CONNECT_REFUSED, None, NOW)
+    after = (await storage.record_outcome(uid, Outcome.CONNECT_TIMEOUT, None, NOW + 1)).upstream
     assert (after.failure_streak, after.last_error, after.checked_at) == (
         2,
         "connect_timeout",
         NOW + 1,
     )
     # The target's own failures say nothing about the upstream.
-    after = await storage.record_outcome(uid, Outcome.TARGET_REFUSED, None, NOW + 2)
+    after = (await storage.record_outcome(uid, Outcome.TARGET_REFUSED, None, NOW + 2)).upstream
     assert (after.failure_streak, after.last_error) == (2, "connect_timeout")
-    after = await storage.record_outcome(uid, Outcome.OK, 0.100, NOW + 3)
+    after = (await storage.record_outcome(uid, Outcome.OK, 0.100, NOW + 3)).upstream
     assert after.failure_streak == 0
     assert after.latency_ewma == pytest.approx(0.100)
-    after = await storage.record_outcome(uid, Outcome.OK, 0.200, NOW + 4)
+    after = (await storage.record_outcome(uid, Outcome.OK, 0.200, NOW + 4)).upstream
     assert 0.100 < (after.latency_ewma or 0) < 0.200
     with pytest.raises(UpstreamNotFound):
         await storage.record_outcome("up-missing", Outcome.OK, 0.1, NOW)
