@@ -9,6 +9,7 @@ from config.proxies import parse_proxies_file, parse_proxy_entry
 from config.schema import (
     LOG_LEVELS,
     AdminSettings,
+    CheckSettings,
     GatewaySettings,
     ListenAddress,
     ListenerSettings,
@@ -23,6 +24,7 @@ from config.sources import Overrides
 __all__ = [
     "LOG_LEVELS",
     "AdminSettings",
+    "CheckSettings",
     "ConfigError",
     "GatewaySettings",
     "ListenAddress",

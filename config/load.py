@@ -22,6 +22,7 @@ from config.proxies import (
 from config.schema import (
     LOG_LEVELS,
     AdminSettings,
+    CheckSettings,
     GatewaySettings,
     ListenAddress,
     ListenerSettings,
@@ -44,7 +45,7 @@ from config.sources import (
 )
 from core.endpoints import Endpoint
 from core.errors import InvalidUpstreamURL
-from core.models import Selector
+from core.models import HealthPolicy, Selector, StickyFailure
 
 __all__ = ["load_settings"]
 
@@ -103,7 +104,15 @@ class _Builder:
         admin = self.admin()
         self.fill_default_pool(gateway.default_pool, overrides)
         pools = self.pools()
-        settings = Settings(gateway, storage, admin, pools, self.listeners(pools), self.raw.source)
+        settings = Settings(
+            gateway,
+            storage,
+            admin,
+            pools,
+            self.listeners(pools),
+            self.raw.source,
+            checks=self.checks(),
+        )
         self.check_default_pool(settings)
         self.check_addresses(settings)
         self.check_exposure(settings)
@@ -129,6 +138,10 @@ class _Builder:
             ),
             connect_ports=table.get("connect_ports", self.ports, default.connect_ports),
             log_level=table.get("log_level", self.log_level, default.log_level),
+            retry_budget_percent=table.get(
+                "retry_budget_percent", self.percent, default.retry_budget_percent
+            ),
+            retry_budget_min=table.get("retry_budget_min", self.count, default.retry_budget_min),
         )
 
     def storage(self) -> StorageSettings:
@@ -156,6 +169,18 @@ class _Builder:
             token = self.string(("admin", "token"), table["token"])
             admin = replace(admin, token=token or None)
         return admin
+
+    def checks(self) -> CheckSettings:
+        table = _Table(("checks",), self.raw.data.get("checks", {}))
+        default = CheckSettings()
+        judge = table.get("judge_url", self.http_url, "")
+        return CheckSettings(
+            interval=table.get("interval", self.seconds, default.interval),
+            timeout=table.get("timeout", self.seconds, default.timeout),
+            concurrency=table.get("concurrency", self.positive, default.concurrency),
+            judge_url=judge or None,
+            site_reach=tuple(table.get("site_reach", self.http_urls, list(default.site_reach))),
+        )
 
     def fill_default_pool(self, name: str, overrides: Overrides) -> None:
         """Put --upstream/--proxies-file into the default pool, creating it if needed."""
@@ -201,9 +226,36 @@ class _Builder:
                 ),
                 description=table.get("description", self.string, default.description),
                 upstreams=self.upstreams(at, entry),
+                health=self.health_policy(table, default.health),
+                on_sticky_failure=table.get(
+                    "on_sticky_failure", self.sticky_failure, default.on_sticky_failure
+                ),
             )
             pools.append(pool)
         return tuple(pools)
+
+    def health_policy(self, table: _Table, default: HealthPolicy) -> HealthPolicy:
+        seconds = self.seconds
+        policy = HealthPolicy(
+            failures_to_eject=table.get(
+                "failures_to_eject", self.positive, default.failures_to_eject
+            ),
+            base_ejection_s=table.get("base_ejection_s", seconds, default.base_ejection_s),
+            max_ejection_s=table.get("max_ejection_s", seconds, default.max_ejection_s),
+            max_ejection_percent=table.get(
+                "max_ejection_percent", self.percent, default.max_ejection_percent
+            ),
+            success_rate_ejection=table.get(
+                "success_rate_ejection", self.boolean, default.success_rate_ejection
+            ),
+        )
+        if policy.max_ejection_s < policy.base_ejection_s:
+            self.fail(
+                (*table.at, "max_ejection_s"),
+                f"must be at least base_ejection_s ({policy.base_ejection_s:g}), "
+                f"got {policy.max_ejection_s:g}",
+            )
+        return policy
 
     def upstreams(self, at: KeyPath, entry: dict[str, Any]) -> tuple[Endpoint, ...]:
         entries: list[UpstreamEntry] = []
@@ -352,6 +404,38 @@ class _Builder:
 
     def selector(self, path: KeyPath, value: Any) -> Selector:
         return Selector(self.choice(path, value, list(Selector)))
+
+    def sticky_failure(self, path: KeyPath, value: Any) -> StickyFailure:
+        return StickyFailure(self.choice(path, value, list(StickyFailure)))
+
+    def boolean(self, path: KeyPath, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {type_name(value)}")
+        return value
+
+    def positive(self, path: KeyPath, value: Any) -> int:
+        return self.integer(path, value, minimum=1)
+
+    def count(self, path: KeyPath, value: Any) -> int:
+        return self.integer(path, value, minimum=0)
+
+    def percent(self, path: KeyPath, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(path, f"expected a percentage, got {type_name(value)}")
+        if not 0 <= value <= 100:
+            self.fail(path, f"must be a percentage from 0 to 100, got {value}")
+        return float(value)
+
+    def http_url(self, path: KeyPath, value: Any) -> str:
+        text = self.string(path, value)
+        if text and not text.lower().startswith(("http://", "https://")):
+            self.fail(path, f"expected an http:// or https:// URL, got {text!r}")
+        return text
+
+    def http_urls(self, path: KeyPath, value: Any) -> list[str]:
+        if not isinstance(value, list):
+            self.fail(path, f"expected an array of URLs, got {type_name(value)}")
+        return [self.http_url((*path, index), item) for index, item in enumerate(value)]
 
     def retries(self, path: KeyPath, value: Any) -> int:
         return self.integer(path, value, minimum=0)

@@ -8,11 +8,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from core.endpoints import Endpoint
-from core.models import Pool, Selector, Upstream
+from core.models import HealthPolicy, Pool, Selector, StickyFailure, Upstream
 
 __all__ = [
     "LOG_LEVELS",
     "AdminSettings",
+    "CheckSettings",
     "GatewaySettings",
     "ListenAddress",
     "ListenerSettings",
@@ -123,6 +124,10 @@ class GatewaySettings:
     #: Ports CONNECT and SOCKS may reach; empty allows every port.
     connect_ports: frozenset[int] = frozenset()
     log_level: str = "info"
+    #: Retries in flight per pool: at most this share of its active requests,
+    retry_budget_percent: float = 20.0
+    #: but always this many.
+    retry_budget_min: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +165,8 @@ class PoolSettings:
     max_concurrency: int | None = _POOL_DEFAULTS.max_concurrency
     description: str = _POOL_DEFAULTS.description
     upstreams: tuple[Endpoint, ...] = ()
+    health: HealthPolicy = _POOL_DEFAULTS.health
+    on_sticky_failure: StickyFailure = _POOL_DEFAULTS.on_sticky_failure
 
     def to_pool(self) -> Pool:
         return Pool(
@@ -169,6 +176,8 @@ class PoolSettings:
             retries=self.retries,
             max_concurrency=self.max_concurrency,
             description=self.description,
+            health=self.health,
+            on_sticky_failure=self.on_sticky_failure,
         )
 
     def to_upstreams(self) -> list[Upstream]:
@@ -184,6 +193,23 @@ class ListenerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckSettings:
+    """The active checks: which stages run, how often, how many at once."""
+
+    #: Seconds between rounds over every upstream (ejected and new ones are checked sooner).
+    interval: float = 300.0
+    #: Seconds each checker may take.
+    timeout: float = 10.0
+    #: Checks running at once.
+    concurrency: int = 16
+    #: A URL that echoes the caller's address and headers (JSON, or `NAME = value` lines);
+    #: None skips the judge stage.
+    judge_url: str | None = None
+    #: URLs that must answer through the upstream.
+    site_reach: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     gateway: GatewaySettings = GatewaySettings()
     storage: StorageSettings = StorageSettings()
@@ -193,6 +219,7 @@ class Settings:
     listeners: tuple[ListenerSettings, ...] = ()
     #: The configuration file's path, or "defaults" when none was read.
     source: str = "defaults"
+    checks: CheckSettings = CheckSettings()
 
     def all_listeners(self) -> tuple[ListenerSettings, ...]:
         """Every gateway listener: `gateway.listen` (routed, pool None), then `[[listeners]]`."""

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 KeyPath = tuple[str | int, ...]
-Kind = Literal["str", "float", "int", "str_list", "int_list", "table"]
+Kind = Literal["str", "float", "int", "bool", "str_list", "int_list", "table"]
 
 #: Every key each table may hold, with the kind of value an environment variable is read as.
 KEYS: dict[str, dict[str, Kind]] = {
@@ -52,9 +52,18 @@ KEYS: dict[str, dict[str, Kind]] = {
         "deny_destinations": "str_list",
         "connect_ports": "int_list",
         "log_level": "str",
+        "retry_budget_percent": "float",
+        "retry_budget_min": "int",
     },
     "storage": {"url": "str"},
     "admin": {"listen": "str", "token": "str"},
+    "checks": {
+        "interval": "float",
+        "timeout": "float",
+        "concurrency": "int",
+        "judge_url": "str",
+        "site_reach": "str_list",
+    },
     "pools": {
         "name": "str",
         "selector": "str",
@@ -62,12 +71,18 @@ KEYS: dict[str, dict[str, Kind]] = {
         "retries": "int",
         "max_concurrency": "int",
         "description": "str",
+        "on_sticky_failure": "str",
+        "failures_to_eject": "int",
+        "base_ejection_s": "float",
+        "max_ejection_s": "float",
+        "max_ejection_percent": "float",
+        "success_rate_ejection": "bool",
         "proxies": "str_list",
         "proxies_file": "str",
     },
     "listeners": {"listen": "str", "pool": "str"},
 }
-_SECTIONS = ("gateway", "storage", "admin")
+_SECTIONS = ("gateway", "storage", "admin", "checks")
 _ARRAYS = ("pools", "listeners")
 ENV_PREFIX = "PROXYGATE_"
 _MISSING = object()

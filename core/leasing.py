@@ -20,7 +20,8 @@ from enum import StrEnum
 
 from core.clock import Clock, SystemClock
 from core.errors import CoreError, NoUpstreamAvailable
-from core.models import Lease, LeaseRequest, Outcome, PoolStats
+from core.health import HealthUpdate, RecordSource, Transition
+from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
 from core.storage.interface import Storage
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
@@ -77,6 +78,10 @@ class LeaseManager:
         self._waiters: dict[str, deque[_Waiter]] = {}
         # Users of each session lease right now: it expires only once idle, not while in use.
         self._session_users: dict[str, int] = {}
+        # Session leases their session left (`unbind_session`): released by their last user.
+        self._unbound: set[str] = set()
+        # Pools kept from ejecting by `max_ejection_percent`, until the sweeper sees them heal.
+        self._panicking: set[str] = set()
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -172,7 +177,18 @@ class LeaseManager:
         if users > 0:
             self._session_users[lease.id] = users
             return True
+        if lease.id in self._unbound:
+            self._unbound.discard(lease.id)
+            return await self.release(lease)
         return await self.renew(lease, lease.idle_ttl)
+
+    async def unbind_session(self, lease: Lease, *, fail: bool) -> None:
+        """Part a session from `lease`, whose upstream failed: its next request binds another
+        upstream or, with `fail`, fails until the session's idle TTL has passed. The lease
+        itself ends when its last user puts it back."""
+        fail_for = (lease.idle_ttl or 0.0) if fail else None
+        await self.storage.unbind_session(lease, self.clock.now(), fail_for=fail_for)
+        self._unbound.add(lease.id)
 
     def users_of(self, lease: Lease) -> int:
         """How many acquirers are using a session's lease right now."""
@@ -191,9 +207,29 @@ class LeaseManager:
         finally:
             await self.put_back(lease)
 
-    async def report(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
-        """Feed one attempt's outcome into the upstream's health."""
-        await self.storage.record_outcome(upstream_id, outcome, latency, self.clock.now())
+    async def report(
+        self,
+        upstream_id: str,
+        outcome: Outcome,
+        latency: float | None,
+        *,
+        source: RecordSource = RecordSource.TRAFFIC,
+        detail: str | None = None,
+    ) -> HealthUpdate:
+        """Feed one attempt's outcome into the upstream's health (which may eject it)."""
+        update = await self.storage.record_outcome(
+            upstream_id, outcome, latency, self.clock.now(), source=source, detail=detail
+        )
+        if update.transition is not Transition.NONE:
+            self._log_transition(update)
+        return update
+
+    async def readmit(self, upstream_id: str) -> Upstream:
+        """Lease an ejected upstream again (an active check found it working)."""
+        upstream = await self.storage.readmit(upstream_id, self.clock.now())
+        log.info("upstream %s re-admitted: it passed its checks", upstream_id)
+        self.notify(upstream.pool)
+        return upstream
 
     def notify(self, pool: str) -> None:
         """Capacity may have appeared without a release (upstreams added or re-admitted)."""
@@ -201,7 +237,13 @@ class LeaseManager:
             asyncio.get_running_loop().create_task(self._handoff(pool), name=f"handoff-{pool}")
 
     async def sweep(self) -> list[Lease]:
-        """Release expired leases now (the background sweeper calls this periodically)."""
+        """Release expired leases and re-admit upstreams whose ejection is over (the
+        background sweeper calls this periodically)."""
+        for upstream in await self.storage.readmit_due(self.clock.now()):
+            log.info("upstream %s re-admitted: its ejection time is over", upstream.id)
+            self.notify(upstream.pool)
+        if self._panicking:
+            await self._check_panic()
         expired = await self.storage.release_expired(self.clock.now())
         for lease in expired:
             self._session_users.pop(lease.id, None)
@@ -303,6 +345,47 @@ class LeaseManager:
                 continue
             waiter.future.set_result(lease)
             return
+
+    def _log_transition(self, update: HealthUpdate) -> None:
+        upstream = update.upstream
+        if update.transition is Transition.PANIC:
+            if upstream.pool not in self._panicking:
+                self._panicking.add(upstream.pool)
+                log.warning(
+                    "pool %s in panic: upstream %s is failing (%s) but the pool is at its "
+                    "ejection limit, so failing upstreams stay in use",
+                    upstream.pool,
+                    upstream.id,
+                    upstream.last_error,
+                )
+            return
+        until = upstream.ejected_until or 0.0
+        if upstream.last_error == Outcome.PROXY_AUTH_FAILED.value:
+            log.error(
+                "upstream %s rejected the credentials configured for it: ejected for %gs; "
+                "check its URL in the configuration",
+                upstream.id,
+                until - self.clock.now(),
+            )
+        else:
+            log.warning(
+                "upstream %s ejected for %gs after %d consecutive failures (last: %s)",
+                upstream.id,
+                until - self.clock.now(),
+                upstream.failure_streak,
+                upstream.last_error,
+            )
+
+    async def _check_panic(self) -> None:
+        now = self.clock.now()
+        for pool in list(self._panicking):
+            try:
+                stats = await self.storage.stats(pool, now)
+            except CoreError:
+                stats = None
+            if stats is None or not stats.panic:
+                self._panicking.discard(pool)
+                log.warning("pool %s left panic: no failing upstream is kept any more", pool)
 
     async def _emit(
         self,

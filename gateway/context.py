@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config import GatewaySettings, Users
-from core.errors import NoUpstreamAvailable, PoolNotFound
+from core.errors import NoUpstreamAvailable, PoolNotFound, SessionFailed
 from core.filters import Filter
 from core.leasing import LeaseManager
-from core.models import Lease, LeaseRequest, Outcome
+from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
 from gateway.channel import Channel
 from gateway.dial import Dialed, DialPolicy, dial
 from gateway.errors import (
@@ -19,10 +20,12 @@ from gateway.errors import (
     GatewayError,
     LoopDetected,
     NoUpstream,
+    SessionLost,
     UnknownPool,
     UpstreamError,
 )
 from gateway.relay import relay
+from gateway.retry_budget import RetryBudget
 from gateway.routing import Route, UsernameParams, parse_username
 
 __all__ = ["GatewayContext", "Leased"]
@@ -49,6 +52,7 @@ class GatewayContext:
     own_addresses: frozenset[tuple[str, int]] = frozenset()
     policy: DialPolicy = field(init=False)
     via: bytes = field(init=False)
+    retry_budget: RetryBudget = field(init=False)
     #: Set when the gateway stops: keep-alive connections take no further requests.
     draining: bool = False
     #: Client connections waiting between requests, closed at once when draining begins.
@@ -61,6 +65,9 @@ class GatewayContext:
             own_addresses=self.own_addresses,
         )
         self.via = f"1.1 {self.manager.instance_id} (proxygate)".encode()
+        self.retry_budget = RetryBudget(
+            self.settings.retry_budget_percent, self.settings.retry_budget_min
+        )
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -121,65 +128,97 @@ class GatewayContext:
         avoid: frozenset[str] = frozenset(),
     ) -> Leased:
         """Lease an upstream (none of `avoid`) and reach host:port through it, trying other
-        upstreams of the pool while attempts fail before any request byte was sent."""
-        manager = self.manager
+        upstreams of the pool while attempts fail before any request byte was sent and the
+        pool's retry budget allows. Every success must be followed by `give_back`."""
         try:
-            pool = await manager.storage.get_pool(route.pool)
+            pool = await self.manager.storage.get_pool(route.pool)
         except PoolNotFound:
             raise UnknownPool(route.pool) from None
-        tried = set(avoid)
+        budget = self.retry_budget
+        budget.request_started(route.pool)
+        try:
+            return await self._attempts(route, pool, host, port, tunnel, set(avoid))
+        except BaseException:
+            budget.request_ended(route.pool)
+            raise
+
+    async def _attempts(
+        self, route: Route, pool: Pool, host: str, port: int, tunnel: bool, tried: set[str]
+    ) -> Leased:
+        budget = self.retry_budget
         last_error: UpstreamError | None = None
-        for _ in range(pool.retries + 1):
-            request = LeaseRequest(
-                route.pool,
-                consumer=route.consumer,
-                session=route.session,
-                filters=_filters(route.country, tried),
-                session_ttl=route.session_ttl,
-            )
+        for attempt in range(pool.retries + 1):
+            if last_error is not None and not budget.try_retry(route.pool):
+                log.info("pool %s: retry budget spent, not retrying", route.pool)
+                raise last_error
             try:
-                lease = await manager.acquire(request, self.settings.acquire_timeout)
-            except PoolNotFound:
-                raise UnknownPool(route.pool) from None
-            except NoUpstreamAvailable as exc:
+                return await self._attempt(route, pool, host, port, tunnel, tried)
+            except NoUpstream:
                 if last_error is not None:
                     raise last_error from None  # every upstream left has been tried
-                raise NoUpstream(exc.reason) from None
-            try:
-                dialed = await dial(
-                    lease.upstream,
-                    host,
-                    port,
-                    tunnel=tunnel,
-                    connect_timeout=self.settings.connect_timeout,
-                    policy=self.policy,
-                    via=self.via,
-                )
+                raise
             except UpstreamError as exc:
-                if manager.users_of(lease) > 1:
-                    await manager.put_back(lease)  # others use the session: leave it bound
-                else:
-                    # A failed upstream ends the session bound to it, so a retry binds anew.
-                    await manager.release(lease)
-                await manager.report(lease.upstream.id, exc.outcome, None)
-                log.info(
-                    "attempt via %s failed: %s (%s)",
-                    lease.upstream.id,
-                    exc.outcome.value,
-                    exc.details,
-                )
                 if not exc.retryable:
                     raise
                 last_error = exc
-                tried.add(lease.upstream.id)
-                continue
-            except BaseException:
-                await manager.release(lease)
-                raise
-            await manager.report(lease.upstream.id, Outcome.OK, dialed.connect_latency)
-            return Leased(lease, dialed)
+            finally:
+                if attempt:
+                    budget.retry_ended(route.pool)
         assert last_error is not None
         raise last_error
+
+    async def _attempt(
+        self, route: Route, pool: Pool, host: str, port: int, tunnel: bool, tried: set[str]
+    ) -> Leased:
+        """One lease and dial; a failed dial's upstream joins `tried`."""
+        manager = self.manager
+        request = LeaseRequest(
+            route.pool,
+            consumer=route.consumer,
+            session=route.session,
+            filters=_filters(route.country, tried),
+            session_ttl=route.session_ttl,
+        )
+        try:
+            lease = await manager.acquire(request, self.settings.acquire_timeout)
+        except PoolNotFound:
+            raise UnknownPool(route.pool) from None
+        except NoUpstreamAvailable as exc:
+            raise NoUpstream(exc.reason) from None
+        except SessionFailed as exc:
+            raise SessionLost(exc.upstream_id) from None
+        try:
+            dialed = await dial(
+                lease.upstream,
+                host,
+                port,
+                tunnel=tunnel,
+                connect_timeout=self.settings.connect_timeout,
+                policy=self.policy,
+                via=self.via,
+            )
+        except UpstreamError as exc:
+            upstream_id = lease.upstream.id
+            tried.add(upstream_id)
+            session_failed = False
+            try:
+                if lease.session is not None and exc.outcome.counts_against_upstream:
+                    # The session leaves the failed upstream: bound anew on the retry, or
+                    # failed for good, as its pool says.
+                    session_failed = pool.on_sticky_failure is StickyFailure.FAIL
+                    await manager.unbind_session(lease, fail=session_failed)
+            finally:
+                await manager.put_back(lease)
+            await manager.report(upstream_id, exc.outcome, None)
+            log.info("attempt via %s failed: %s (%s)", upstream_id, exc.outcome.value, exc.details)
+            if session_failed:
+                exc.retryable = False
+            raise
+        except BaseException:
+            await manager.put_back(lease)
+            raise
+        await manager.report(lease.upstream.id, Outcome.OK, dialed.connect_latency)
+        return Leased(lease, dialed)
 
     async def tunnel(
         self,
@@ -188,14 +227,16 @@ class GatewayContext:
         host: str,
         port: int,
         *,
-        established: bytes,
+        established: bytes | Callable[[Lease], bytes],
         client_early: bytes,
     ) -> None:
-        """Lease, dial, answer `established`, then relay until the tunnel ends. The client
-        hears success only once the upstream tunnel is up."""
+        """Lease, dial, answer `established` (or what it makes of the lease), then relay until
+        the tunnel ends. The client hears success only once the upstream tunnel is up."""
         self.check_destination(host, port, tunnel=True)
         leased = await self.lease_and_dial(route, host, port, tunnel=True)
         try:
+            if not isinstance(established, bytes):
+                established = established(leased.lease)
             client.write(established)
             await relay(
                 client,
@@ -210,6 +251,7 @@ class GatewayContext:
 
     async def give_back(self, lease: Lease) -> None:
         """End a request's use of its lease (a session's lease stays bound to it)."""
+        self.retry_budget.request_ended(lease.pool)
         await self.manager.put_back(lease)
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "GatewayError",
     "LoopDetected",
     "NoUpstream",
+    "SessionLost",
     "UnknownPool",
     "UpstreamError",
 ]
@@ -87,6 +88,21 @@ class NoUpstream(GatewayError):
     status = 503
     proxy_error = "connection_limit_reached"
     socks5_reply = 0x01
+
+
+class SessionLost(GatewayError):
+    """The session's upstream failed and its pool's `on_sticky_failure` is `fail`: its
+    requests fail until the session expires."""
+
+    status = 502
+    proxy_error = "destination_unavailable"
+    socks5_reply = 0x01
+
+    def __init__(self, upstream_id: str) -> None:
+        super().__init__(
+            "the session's upstream failed; it fails until it expires (on_sticky_failure = fail)",
+            next_hop=upstream_id,
+        )
 
 
 class UpstreamError(GatewayError):

@@ -79,6 +79,7 @@ class Exchange:
         "_client_keep_alive",
         "_client_version",
         "_done",
+        "_extra_headers",
         "_forward_auth_check",
         "_held",
         "_idle_timeout",
@@ -116,6 +117,7 @@ class Exchange:
         idle_timeout: float,
         upstream_is_proxy: bool,
         request_done: bool = False,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -130,6 +132,7 @@ class Exchange:
         self._idle_timeout = idle_timeout
         self._forward_auth_check = upstream_is_proxy
         self._request_done = request_done
+        self._extra_headers = extra_headers
         self._rechunk_response = False
         self._done: asyncio.Future[None] = client.loop.create_future()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -243,6 +246,7 @@ class Exchange:
             return True  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         headers = response_headers(head, self._via)
         if not interim:
+            headers.extend(self._extra_headers)
             self.response_started = True
             if head.status >= 500:
                 self.outcome = Outcome.TARGET_ERROR

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections import deque
 
-from core.models import Outcome
+from core.models import Lease, Outcome
 from gateway.channel import Channel, ChannelClosed
 from gateway.context import GatewayContext, Leased
 from gateway.dial import DialMode, basic_credentials
@@ -30,11 +30,13 @@ from gateway.protocols import (
 )
 from gateway.routing import Route, choose_route
 
-__all__ = ["serve_http"]
+__all__ = ["REBOUND_HEADER", "serve_http"]
 
 log = logging.getLogger("proxygate.http")
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+#: On the first response after a session moved off a failed upstream: that upstream's id.
+REBOUND_HEADER = b"X-Proxy-Session-Rebound"
 _PROXY_AUTHENTICATE = ((b"Proxy-Authenticate", b'Basic realm="proxygate"'),)
 
 
@@ -144,7 +146,7 @@ async def _tunnel(
         route,
         head.host,
         head.port,
-        established=_ESTABLISHED,
+        established=_established,
         client_early=parser.take_buffered(),
     )
 
@@ -246,10 +248,27 @@ async def _exchange(
         idle_timeout=ctx.settings.idle_timeout,
         upstream_is_proxy=upstream_is_proxy,
         request_done=retry,
+        extra_headers=rebound_headers(leased.lease),
     )
     if dialed.early:
         dialed.channel.buffer[:0] = dialed.early
     return await exchange.run(), exchange
+
+
+def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:
+    """Tells the client its session just moved: the first response on the new upstream
+    names the upstream the session left."""
+    if lease.rebound_from is None or lease.uses != 1:
+        return ()
+    return ((REBOUND_HEADER, lease.rebound_from.encode()),)
+
+
+def _established(lease: Lease) -> bytes:
+    extra = rebound_headers(lease)
+    if not extra:
+        return _ESTABLISHED
+    fields = b"".join(name + b": " + value + b"\r\n" for name, value in extra)
+    return _ESTABLISHED[:-2] + fields + b"\r\n"
 
 
 def _answer_error(client: Channel, error: GatewayError) -> None:

@@ -276,6 +276,7 @@ async def test_healthz_and_stats(start_gateway: StartGateway, origin: Origin) ->
             "leases_held",
             "total_leases",
             "collected_at",
+            "panic",
             "waiting",
         }
         assert before["default"]["pool"] == "default"
