@@ -175,6 +175,7 @@ class _Builder:
         default = CheckSettings()
         judge = table.get("judge_url", self.http_url, "")
         return CheckSettings(
+            enabled=table.get("enabled", self.boolean, default.enabled),
             interval=table.get("interval", self.seconds, default.interval),
             timeout=table.get("timeout", self.seconds, default.timeout),
             concurrency=table.get("concurrency", self.positive, default.concurrency),

@@ -196,6 +196,7 @@ class ListenerSettings:
 class CheckSettings:
     """The active checks: which stages run, how often, how many at once."""
 
+    enabled: bool = True
     #: Seconds between rounds over every upstream (ejected and new ones are checked sooner).
     interval: float = 300.0
     #: Seconds each checker may take.

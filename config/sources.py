@@ -58,6 +58,7 @@ KEYS: dict[str, dict[str, Kind]] = {
     "storage": {"url": "str"},
     "admin": {"listen": "str", "token": "str"},
     "checks": {
+        "enabled": "bool",
         "interval": "float",
         "timeout": "float",
         "concurrency": "int",

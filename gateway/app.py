@@ -13,6 +13,7 @@ import socket
 from aiohttp import web
 
 from config import Settings
+from core.checks import CheckScheduler
 from core.clock import Clock
 from core.errors import CatalogError
 from core.leasing import LeaseManager
@@ -20,6 +21,7 @@ from core.storage.interface import Storage
 from core.storage.memory import MemoryStorage
 from gateway.admin import build_admin_app
 from gateway.channel import Channel
+from gateway.checkers import build_checkers, learn_real_ip
 from gateway.connection import serve_connection
 from gateway.context import GatewayContext
 
@@ -61,6 +63,7 @@ class Gateway:
         self._admin: web.AppRunner | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._context: GatewayContext | None = None
+        self._checks: CheckScheduler | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -101,10 +104,29 @@ class Gateway:
             self.manager,
             own_addresses=frozenset(own),
         )
+        await self._start_checks(self._context)
         for server in self._servers:
             await server.start_serving()
         for host, port in self.listen_addresses:
             log.info("listening on %s:%d", host, port)
+
+    async def _start_checks(self, context: GatewayContext) -> None:
+        checks = self.settings.checks
+        if not checks.enabled:
+            return
+        real_ip = None
+        if checks.judge_url is not None:
+            real_ip = await learn_real_ip(checks.judge_url, min(checks.timeout, 5.0))
+            if real_ip is None:
+                log.warning("the judge gave no address of ours: anonymity cannot be told")
+        self._checks = CheckScheduler(
+            self.manager,
+            build_checkers(checks, context.policy),
+            interval=checks.interval,
+            concurrency=checks.concurrency,
+            real_ip=real_ip,
+        )
+        await self._checks.start()
 
     async def _listen(self, host: str, port: int, pool: str | None) -> asyncio.Server:
         try:
@@ -168,6 +190,8 @@ class Gateway:
             await server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._checks is not None:
+            await self._checks.close()
         # Sessions outlive their requests: give back what they still hold here too.
         for lease in await self.storage.list_leases():
             if lease.holder == self.manager.instance_id:

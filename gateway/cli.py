@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from config import ConfigError, Overrides, Settings, load_settings
 from gateway.app import Gateway, StartupError
+from gateway.check_command import run_check
 
 __all__ = ["main"]
 
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    if args.command == "check":
+        check = run_check(settings, args.pool, as_json=args.json, out=sys.stdout, err=sys.stderr)
+        return runner(check)
     try:
         return runner(_run(settings))
     except StartupError as exc:
@@ -77,17 +81,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", metavar="ADDR", help='admin HOST:PORT ("" disables it)')
     run.add_argument("--storage", metavar="URL", help="memory:// (default)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    check = commands.add_parser(
+        "check", help="run the active checks once over the configured upstreams"
+    )
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check.add_argument("--pool", metavar="NAME", help="only this pool's upstreams")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an upstream proxy URL for the default pool (repeatable)",
+    )
+    check.add_argument("--proxies-file", metavar="FILE", help="upstreams, one per line")
+    check.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
     return Overrides(
-        listen=tuple(args.listen),
+        listen=tuple(getattr(args, "listen", ())),
         upstreams=tuple(args.upstream),
         proxies_file=args.proxies_file,
-        admin=args.admin,
+        admin=getattr(args, "admin", None),
         log_level=args.log_level,
-        storage_url=args.storage,
+        storage_url=getattr(args, "storage", None),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
+from core.clock import Clock
 from gateway.app import Gateway
 
 StartGateway = Callable[..., Awaitable[Gateway]]
@@ -30,16 +31,19 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
     to ephemeral loopback ports). After the test, no lease outside a session may be held."""
     running: list[Gateway] = []
 
-    async def start(toml: str = "", **env: str) -> Gateway:
+    async def start(toml: str = "", clock: Clock | None = None, **env: str) -> Gateway:
         text = toml
         if "[gateway]" not in text:
             text = '[gateway]\nlisten = ["127.0.0.1:0"]\n' + text
         if "[admin]" not in text:
             text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
+        if "[checks]" not in text:
+            # Tests count what reaches their upstreams: active checks run where a test asks.
+            text += "\n[checks]\nenabled = false\n"
         path = tmp_path / f"gateway{len(running)}.toml"
         path.write_text(text)
         settings = load_settings(path, env={f"PROXYGATE_{k.upper()}": v for k, v in env.items()})
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, clock=clock)
         await gateway.start()
         running.append(gateway)
         return gateway
