@@ -245,6 +245,8 @@ class FakeHttpProxy(_FakeUpstream[ProxyRequest]):
     """
 
     scheme = "http"
+    #: Fields added to every forwarded request, as a transparent proxy adds X-Forwarded-For.
+    added_headers: tuple[tuple[str, str], ...] = ()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self._take_faults()
@@ -353,6 +355,7 @@ class FakeHttpProxy(_FakeUpstream[ProxyRequest]):
         headers = _without_hop_by_hop(request.headers)
         if not any(name.lower() == "host" for name, _ in headers):
             headers.insert(0, ("Host", authority))
+        headers.extend(self.added_headers)
         headers.append(("Connection", "close"))
         head = _render_head(f"{request.method} {path} {request.version}", headers)
         try:
