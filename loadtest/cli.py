@@ -1,0 +1,339 @@
+"""`python -m loadtest SCENARIO [options]` (or `proxygate-loadtest`): see loadtest/README.md.
+
+Exit status: 0 when every run finished and no lease leaked; 1 when a lease was still held
+after the drain wait, the gateway did not exit cleanly, or a run failed; 2 for bad options;
+3 when the gateway refused a configuration (the `storage` scenario with a storage it does not
+support).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest import report
+from loadtest.peers import PEERS, ensure
+from loadtest.rig import RigError
+from loadtest.runner import Options, TargetRun, pin_harness, run_scenario
+from loadtest.scenarios import SCENARIOS, Scenario, default_faults
+from loadtest.targets import TargetError
+from loadtest.toxics import ToxicError, parse_step
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+DEFAULT_POOL_SIZES = "10,1000,100000"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Load and fault harness for proxygate, on loopback, bounded in time.",
+        epilog="scenarios: " + "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()),
+    )
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    load = parser.add_argument_group("load")
+    load.add_argument("--duration", type=float, help="measured seconds (default: per scenario)")
+    load.add_argument("--warmup", type=float, help="seconds before measuring")
+    load.add_argument("--connections", "-c", type=int, help="clients (open loop: most in flight)")
+    load.add_argument("--rate", type=float, help="open loop at this many requests/s")
+    load.add_argument("--requests", type=int, help="stop after this many requests")
+    load.add_argument("--body-size", type=int, help="response body bytes (0: /who)")
+    load.add_argument("--keepalive", action=argparse.BooleanOptionalAction, default=None)
+    load.add_argument("--tls", action="store_true", help="TLS to the origin (tunnels only)")
+    load.add_argument("--timeout", type=float, help="seconds per request")
+    load.add_argument("--sessions", type=int, help="sticky sessions to spread requests over")
+    load.add_argument("--sticky-ttl", type=float, help="the pool's session idle TTL, seconds")
+    rig = parser.add_argument_group("rig")
+    rig.add_argument("--upstreams", type=int, help="upstreams in the fleet")
+    rig.add_argument("--fleet", choices=("sim", "debian"), default="sim")
+    rig.add_argument("--origin", choices=("builtin", "nginx"), default="builtin")
+    rig.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="AT:UPSTREAMS:SPEC",
+        help="a fault step, e.g. 2:0-1:down or 3:all:latency=100 (repeatable)",
+    )
+    rig.add_argument("--no-pin", action="store_true", help="do not pin the gateway to CPU 0")
+    peers = parser.add_argument_group("compare and variants")
+    peers.add_argument("--compare", default="", help="comma list of pproxy, proxy.py, direct")
+    peers.add_argument("--rounds", type=int, default=None, help="alternating rounds")
+    peers.add_argument(
+        "--storage", action="append", default=[], metavar="URL", help="storage scenario URLs"
+    )
+    peers.add_argument("--pool-sizes", default=DEFAULT_POOL_SIZES, help="scale scenario sizes")
+    peers.add_argument(
+        "--no-install", action="store_true", help="never pip-install peers or matplotlib"
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, metavar="PATH", help="write every figure here")
+    out.add_argument("--chart", type=Path, metavar="PNG", help="draw a chart (matplotlib)")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    out.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    out.add_argument("--drain-wait", type=float, default=5.0, help="seconds for leases to return")
+    return parser
+
+
+class UsageError(Exception):
+    pass
+
+
+def _options(args: argparse.Namespace, workdir: Path) -> Options:
+    scenario: Scenario = SCENARIOS[args.scenario]
+    compare = [p.strip() for p in args.compare.split(",") if p.strip()]
+    for peer in compare:
+        if peer not in scenario.compare:
+            allowed = ", ".join(scenario.compare) or "nothing"
+            raise UsageError(f"{scenario.name} can be compared with {allowed}, not {peer!r}")
+    duration = args.duration if args.duration is not None else scenario.duration
+    warmup = args.warmup if args.warmup is not None else min(scenario.warmup, duration)
+    upstreams = args.upstreams or scenario.upstreams
+    if args.fleet == "debian" and (scenario.name == "faults" or args.fault):
+        raise UsageError("the Debian fleet takes no faults: use --fleet sim")
+    try:
+        faults = [parse_step(step, upstreams) for step in args.fault]
+        if scenario.name == "faults" and not faults:
+            faults = default_faults(warmup + duration, upstreams)
+    except (ToxicError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        sizes = [int(s) for s in args.pool_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--pool-sizes {args.pool_sizes!r}: comma-separated counts") from None
+    storages = args.storage or ["memory://", f"sqlite:///{workdir / 'loadtest.db'}"]
+    body = args.body_size if args.body_size is not None else scenario.body
+    if args.tls and scenario.mode == "http":
+        raise UsageError("--tls needs a tunnel: use connect-throughput or socks5")
+    sessions = args.sessions if args.sessions is not None else scenario.sessions
+    if duration <= 0 or warmup < 0 or (args.connections is not None and args.connections < 1):
+        raise UsageError("--duration must be > 0, --warmup >= 0, --connections >= 1")
+    return Options(
+        scenario=scenario,
+        duration=duration,
+        warmup=warmup,
+        connections=args.connections or scenario.connections,
+        rate=args.rate,
+        requests=args.requests,
+        upstreams=upstreams,
+        body=0 if sessions else body,
+        keepalive=scenario.keepalive if args.keepalive is None else args.keepalive,
+        tls=args.tls,
+        origin=args.origin,
+        fleet=args.fleet,
+        timeout=args.timeout or scenario.timeout,
+        sessions=sessions,
+        compare=compare,
+        rounds=args.rounds or (2 if compare else 1),
+        storages=storages,
+        pool_sizes=sizes,
+        faults=faults,
+        pin=not args.no_pin and (os.cpu_count() or 1) >= 2,
+        drain_wait=args.drain_wait,
+        workdir=workdir,
+        gateway={} if args.sticky_ttl is None else {"sticky_ttl": args.sticky_ttl},
+    )
+
+
+def _describe(options: Options) -> str:
+    s = options.scenario
+    loop = f"open loop at {options.rate:g} req/s" if options.rate else "closed loop"
+    what = f"GET /bytes/{options.body}" if options.body else "GET /who"
+    return (
+        f"loadtest {s.name}: {s.summary}\n"
+        f"  {options.upstreams} {s.kind} upstreams ({options.fleet} fleet), {options.origin} "
+        f"origin{' over TLS' if options.tls else ''}; client {s.mode}, {options.connections} "
+        f"connections, {loop}, {'keep-alive' if options.keepalive else 'new connection'} "
+        f"per request, {what}"
+        + (f", {options.sessions} sessions" if options.sessions else "")
+        + f"\n  {options.warmup:g} s warm-up + {options.duration:g} s measured"
+        + (f", at most {options.requests:,} requests" if options.requests else "")
+        + (f"; {options.rounds} alternating round(s)" if options.compare else "")
+        + (
+            "; proxygate pinned to CPU 0, rig and load generator to the others"
+            if options.pin
+            else "; no CPU pinning"
+        )
+    )
+
+
+def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
+    code = EXIT_OK
+    for run in runs:
+        if run.target != "proxygate":
+            continue
+        if run.refused:
+            problems.append(f"proxygate refused {run.label or 'its configuration'}: {run.refused}")
+            code = max(code, EXIT_REFUSED)
+        if run.failed:
+            problems.append(f"proxygate {run.label} could not run: {run.failed}")
+            code = max(code, EXIT_FAILED)
+        if run.leaked:
+            problems.append(
+                f"LEAK: {run.leaked} lease(s) still held {run.label} round {run.round} after "
+                "the drain wait"
+            )
+            code = max(code, EXIT_FAILED)
+        if run.exit_code not in (0, None):
+            problems.append(f"proxygate exited with status {run.exit_code} on SIGTERM")
+            code = max(code, EXIT_FAILED)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix=f"loadtest-{args.scenario}-"))
+    try:
+        return _main(args, workdir)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace, workdir: Path) -> int:
+    try:
+        options = _options(args, workdir)
+    except UsageError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    not_measured: list[str] = []
+    for peer in list(options.compare):
+        if peer in PEERS:
+            python, why = ensure(PEERS[peer], install=not args.no_install)
+            if python is None:
+                not_measured.append(f"{peer}: {why}")
+                options.compare.remove(peer)
+    progress = report.ProgressLine(sys.stderr, args.quiet)
+    options.progress = progress
+    report.say(_describe(options))
+    for note in not_measured:
+        report.say(f"  NOT MEASURED {note}")
+    restore = pin_harness(options.pin)
+    started = time.time()
+    try:
+        _, runs = _run(options, args.quiet)
+    except (RigError, TargetError) as exc:
+        progress.done()
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if restore is not None:
+            os.sched_setaffinity(0, restore)
+    progress.done()
+    return _finish(args, options, runs, not_measured, started)
+
+
+def _run(options: Options, quiet: bool) -> tuple[Any, list[TargetRun]]:
+    def log(text: str) -> None:
+        if not quiet:
+            print(f"\n  {text}" if sys.stderr.isatty() else f"  {text}", file=sys.stderr)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency of the project
+        return asyncio.run(run_scenario(options, log))
+    return uvloop.run(run_scenario(options, log))
+
+
+def _finish(
+    args: argparse.Namespace,
+    options: Options,
+    runs: list[TargetRun],
+    not_measured: list[str],
+    started: float,
+) -> int:
+    scenario = options.scenario.name
+    report.say("")
+    report.say(report.table(runs))
+    errors = report.errors_text(runs)
+    if errors:
+        report.say("errors by kind:")
+        for line in errors:
+            report.say(line)
+    for run in runs:
+        for note in run.notes:
+            report.say(f"note: {run.target} {run.label}: {note}")
+        sticky = run.load.sticky_summary() if run.load is not None else None
+        if sticky is not None:
+            report.say(
+                f"sticky: {sticky['sessions']} sessions, {sticky['moved']} seen on more than "
+                "one upstream"
+            )
+    if scenario == "soak":
+        for line in _soak_lines(runs, options.warmup):
+            report.say(line)
+    if options.compare:
+        report.say("compared with proxygate (medians over rounds):")
+        for line in report.compare_lines(runs):
+            report.say(line)
+    problems: list[str] = []
+    code = _exit_code(runs, problems)
+    leases = [r.leases for r in runs if r.target == "proxygate" and r.leases]
+    if leases:
+        verdict = "FAILED" if any(lease["leaked"] for lease in leases) else "passed"
+        report.say(
+            f"zero-leak check {verdict}: "
+            + "; ".join(
+                f"acquired {lease['acquired']:,}, released {lease['released']:,}, "
+                f"still held {lease['leaked']}"
+                for lease in leases
+            )
+        )
+    for problem in problems:
+        report.say(problem)
+    last = report.summary_line(scenario, runs, options.compare)
+    document = {
+        "scenario": scenario,
+        "started_at": started,
+        "python": platform.python_version(),
+        "options": {
+            k: v
+            for k, v in vars(options).items()
+            if k not in ("scenario", "progress", "workdir", "faults")
+        },
+        "faults": [step.describe() for step in options.faults],
+        "not_measured": not_measured,
+        "runs": [run.to_json() for run in runs],
+        "problems": problems,
+        "exit_code": code,
+        "summary_line": last,
+    }
+    if args.json is not None or args.chart is not None:
+        path = args.json or (options.workdir / "results.json")
+        report.write_json(path, document)
+        if args.json is not None:
+            report.say(f"results written to {args.json}")
+        if args.chart is not None:
+            report.say(report.draw_chart(path, args.chart, install=not args.no_install))
+    report.say(last)
+    return code
+
+
+def _soak_lines(runs: list[TargetRun], warmup: float) -> list[str]:
+    """RSS, fds and threads from the end of the warm-up to the end of the run."""
+    out = []
+    for run in runs:
+        samples = run.samples
+        if run.target != "proxygate" or len(samples) < 2:
+            continue
+        after = [s for s in samples if s["t"] >= warmup] or samples
+        first, last = after[0], samples[-1]
+        growth = (last["rss_bytes"] - first["rss_bytes"]) / first["rss_bytes"] * 100
+        out.append(
+            f"soak: RSS {first['rss_bytes'] / 2**20:.1f} -> {last['rss_bytes'] / 2**20:.1f} MiB "
+            f"after warm-up ({growth:+.1f}%), fds {first['fds']:.0f} -> {last['fds']:.0f}, "
+            f"threads {first['threads']:.0f} -> {last['threads']:.0f} (asyncio tasks are not "
+            "exposed by the gateway)"
+        )
+    return out

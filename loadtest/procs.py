@@ -1,0 +1,89 @@
+"""Child processes of the harness: started in their own session, logged to a file, stopped by pid.
+
+Every process the harness starts goes through `spawn` and is stopped with `stop` (SIGTERM, then
+SIGKILL after a grace period), always by its own pid: nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["free_port", "spawn", "stop", "tail", "wait_listening"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that was free a moment ago (bound and released)."""
+    with socket.socket(socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def spawn(
+    command: Sequence[str],
+    output: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    make_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start `command` in its own session, stdout and stderr to `output`."""
+    if make_parent:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("wb") as sink:
+        return subprocess.Popen(
+            list(command),
+            stdin=stdin,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(env) if env is not None else None,
+        )
+
+
+async def wait_listening(
+    process: subprocess.Popen[bytes], host: str, port: int, timeout: float
+) -> bool:
+    """Whether `host:port` accepts connections within `timeout` while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
+async def stop(process: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """SIGTERM `process` (by pid), SIGKILL it after `grace` seconds; its exit status."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        deadline = time.monotonic() + grace
+        # A child process gives the event loop nothing to wait on: poll, briefly.
+        while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    return process.wait()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log file ("" when unreadable)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

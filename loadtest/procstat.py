@@ -1,0 +1,101 @@
+"""What a process costs, read from /proc: CPU seconds, RSS, peak RSS, open fds, threads.
+
+A process tree is counted whole (proxy.py runs its workers as child processes), so a peer that
+forks is not flattered. Readings of a process that has gone away are zero, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ProcSample", "cpu_seconds", "descendants", "sample", "set_affinity"]
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    cpu: float  # user + system seconds of the whole tree
+    rss: int  # bytes, the whole tree
+    hwm: int  # peak RSS in bytes (VmHWM), summed over the tree
+    fds: int
+    threads: int
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        text = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return []
+    # The command name may hold spaces and parentheses: the fields start after the last ")".
+    return text[text.rfind(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(_PROC)
+    except OSError:
+        return [pid]
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if len(fields) > 2:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, ()))
+    return found
+
+
+def cpu_seconds(pid: int, *, tree: bool = True) -> float:
+    total = 0
+    for each in descendants(pid) if tree else [pid]:
+        fields = _stat_fields(each)
+        if len(fields) > 13:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        lines = (_PROC / str(pid) / "status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+def _kib(value: str | None) -> int:
+    return int(value.split()[0]) * 1024 if value else 0
+
+
+def sample(pid: int, *, tree: bool = True) -> ProcSample:
+    pids = descendants(pid) if tree else [pid]
+    rss = hwm = fds = threads = 0
+    for each in pids:
+        status = _status(each)
+        rss += _kib(status.get("VmRSS"))
+        hwm += _kib(status.get("VmHWM"))
+        threads += int(status.get("Threads", "0") or 0)
+        with contextlib.suppress(OSError):
+            fds += len(os.listdir(_PROC / str(each) / "fd"))
+    return ProcSample(cpu_seconds(pid, tree=tree), rss, hwm, fds, threads)
+
+
+def set_affinity(pid: int, cpus: set[int]) -> bool:
+    """Pin `pid` (0: this process) to `cpus`; False where that is not possible."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return False
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except OSError:
+        return False
+    return True
