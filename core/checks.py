@@ -147,7 +147,7 @@ class CheckScheduler:
         interval: float = 300.0,
         ejected_interval: float = 10.0,
         concurrency: int = 16,
-        tick: float = 1.0,
+        tick: float = 5.0,
         real_ip: str | None = None,
     ) -> None:
         self.manager = manager

@@ -152,6 +152,7 @@ class LeaseManager:
         """Give a lease back. A second release of the same lease changes nothing: it returns
         False and is counted in `double_releases`."""
         self._session_users.pop(lease.id, None)
+        self._unbound.discard(lease.id)
         if not await self.storage.release(lease):
             self.double_releases += 1
             log.debug("lease %s released twice (or after it expired)", lease.id)
@@ -362,14 +363,14 @@ class LeaseManager:
         until = upstream.ejected_until or 0.0
         if upstream.last_error == Outcome.PROXY_AUTH_FAILED.value:
             log.error(
-                "upstream %s rejected the credentials configured for it: ejected for %gs; "
+                "upstream %s rejected the credentials configured for it: ejected for %.0fs; "
                 "check its URL in the configuration",
                 upstream.id,
                 until - self.clock.now(),
             )
         else:
             log.warning(
-                "upstream %s ejected for %gs after %d consecutive failures (last: %s)",
+                "upstream %s ejected for %.0fs after %d consecutive failures (last: %s)",
                 upstream.id,
                 until - self.clock.now(),
                 upstream.failure_streak,
