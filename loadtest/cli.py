@@ -292,7 +292,9 @@ def _finish(
         )
     for problem in problems:
         report.say(problem)
-    last = report.summary_line(scenario, runs, options.compare)
+    # Asked to compare: the compare line, with "n/a" for a peer that could not be measured.
+    asked = [p.strip() for p in args.compare.split(",") if p.strip()]
+    last = report.summary_line(scenario, runs, asked)
     document = {
         "scenario": scenario,
         "started_at": started,

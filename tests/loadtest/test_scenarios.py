@@ -213,6 +213,10 @@ def test_a_missing_peer_is_reported_not_installed(tmp_path: Path) -> None:
     )
     assert outcome.code == 0, outcome.stdout + outcome.stderr
     assert "NOT MEASURED proxy.py" in outcome.stdout
+    assert re.fullmatch(
+        rf"http-keepalive: proxygate {NUMBER} us/req, pproxy n/a us/req, ratio n/a",
+        outcome.last_line,
+    ), outcome.last_line
 
 
 def test_debian_fleet(tmp_path: Path) -> None:
