@@ -156,7 +156,7 @@ class CheckScheduler:
         self.ejected_interval = min(ejected_interval, interval)
         self.tick = tick
         self.real_ip = real_ip
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._checked_at: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -186,7 +186,17 @@ class CheckScheduler:
             del self._checked_at[gone]
         for upstream in due:
             self._checked_at[upstream.id] = now
-        return list(await asyncio.gather(*(self._check(upstream) for upstream in due)))
+        # A fixed set of workers over the due list, not a task per upstream: a pool of 100,000
+        # new upstreams must not become 100,000 tasks at once.
+        reports: list[CheckReport] = []
+        pending = iter(due)
+
+        async def work() -> None:
+            for upstream in pending:
+                reports.append(await self._check(upstream))
+
+        await asyncio.gather(*(work() for _ in range(min(self._concurrency, len(due)))))
+        return reports
 
     def _is_due(self, upstream: Upstream, now: float) -> bool:
         last = self._checked_at.get(upstream.id)
@@ -196,8 +206,7 @@ class CheckScheduler:
         return now - last >= every
 
     async def _check(self, upstream: Upstream) -> CheckReport:
-        async with self._slots:
-            report = await run_pipeline(self.checkers, upstream, CheckContext(self.real_ip))
+        report = await run_pipeline(self.checkers, upstream, CheckContext(self.real_ip))
         await self.record(report)
         return report
 
