@@ -1,0 +1,97 @@
+"""Storage URLs to async engines, with each dialect's connection settings.
+
+`postgresql://` (or `postgres://`) runs on asyncpg, `sqlite:///path.db` on aiosqlite. Engines are
+made by the adapter's `open()` and the migration functions, never at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+__all__ = ["async_url", "is_sql_url", "make_engine"]
+
+_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+#: Seconds a SQLite writer waits for another process's write lock before giving up.
+SQLITE_BUSY_TIMEOUT = 30.0
+
+
+def is_sql_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in _DRIVERS
+
+
+def async_url(url: str | URL) -> URL:
+    """The SQLAlchemy URL with the async driver: `postgresql://` -> `postgresql+asyncpg://`."""
+    parsed = make_url(url)
+    driver = _DRIVERS.get(parsed.drivername.lower())
+    if driver is None:
+        raise ValueError(
+            f"unsupported storage URL scheme {parsed.drivername!r}: "
+            "use postgresql://... or sqlite:///path.db"
+        )
+    if driver.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
+        raise ValueError("sqlite storage needs a file: sqlite:///path.db")
+    return parsed.set(drivername=driver)
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    schema: str | None = None,
+    pool_size: int = 16,
+    max_overflow: int = 16,
+    connect_timeout: float = 5.0,
+) -> AsyncEngine:
+    """An async engine for `url`; `schema` (PostgreSQL only) is put first on the search path."""
+    target = async_url(url)
+    if target.drivername.startswith("sqlite"):
+        return _sqlite_engine(target)
+    connect_args: dict[str, Any] = {"timeout": connect_timeout}
+    if schema is not None:
+        connect_args["server_settings"] = {"search_path": schema}
+    return create_async_engine(
+        target,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_args=connect_args,
+    )
+
+
+def _sqlite_engine(target: URL) -> AsyncEngine:
+    # One connection per process: SQLite has one writer at a time anyway, and the adapter
+    # serialises its transactions on an asyncio lock instead of making threads spin on the
+    # file lock. Other processes are waited for by SQLite's busy timeout.
+    engine = create_async_engine(
+        target,
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the driver, so every transaction can be BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # Take the write lock up front: a transaction that reads and then writes could
+        # otherwise find its snapshot stale at the write and fail instead of waiting.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

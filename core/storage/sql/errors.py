@@ -1,0 +1,36 @@
+"""The one error the SQL storage adds to the core's: the database cannot be reached now."""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy import exc as sa_exc
+
+from core.errors import CoreError
+
+__all__ = ["StorageUnavailable", "is_unavailable"]
+
+
+class StorageUnavailable(CoreError):
+    """The storage database is down, restarting or cut off. Nothing was leased; a release or
+    renew may or may not have been applied (a sweep settles it). Retrying later is the cure."""
+
+
+#: Driver-level signs of a database that went away (asyncpg's own, and the socket's).
+_GONE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return True
+        cause = error.orig.__cause__ if error.orig is not None else None
+        return isinstance(error.orig, _GONE) or isinstance(cause, _GONE)
+    return isinstance(error, _GONE)

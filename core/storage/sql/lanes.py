@@ -1,0 +1,97 @@
+"""Driver connections the engine lends the fast paths, one statement at a time each.
+
+A lane is an engine connection checked out once and kept (in autocommit: single statements need
+no transaction), whose asyncpg connection runs prepared statements directly. A lane whose
+connection fails or whose statement is cancelled is invalidated, so a database restart costs
+the calls in flight and nothing after: new lanes are opened on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.storage.sql.errors import StorageUnavailable, is_unavailable
+
+__all__ = ["Lanes"]
+
+
+class _Lane:
+    __slots__ = ("connection", "driver")
+
+    def __init__(self, connection: AsyncConnection, driver: Any) -> None:
+        self.connection = connection
+        self.driver = driver
+
+
+class Lanes:
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._free = asyncio.Semaphore(size)
+        self._idle: list[_Lane] = []
+        self._closed = False
+
+    async def fetchrow(self, sql: str, args: list[Any]) -> Any:
+        """Run one statement; its first row (None if it returned none)."""
+        lane = await self._take()
+        try:
+            row = await lane.driver.fetchrow(sql, *args)
+        except BaseException as error:
+            broken = isinstance(error, asyncio.CancelledError) or is_unavailable(error)
+            if not broken:
+                self._give_back(lane)
+                raise
+            await self._discard(lane)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise StorageUnavailable(f"storage database unavailable: {error}") from error
+        self._give_back(lane)
+        return row
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for lane in idle:
+            await _close(lane, invalidate=False)
+
+    async def _take(self) -> _Lane:
+        if self._closed:
+            raise RuntimeError("the storage is closed")
+        await self._free.acquire()
+        if self._idle:
+            return self._idle.pop()
+        try:
+            connection = await self._engine.connect()
+            raw = await connection.get_raw_connection()
+            assert raw.driver_connection is not None
+            # The lanes run a handful of statements over and over: plan each once (PostgreSQL
+            # would otherwise re-plan the first five runs of each, at more than their cost).
+            await raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
+        except BaseException as error:
+            self._free.release()
+            if is_unavailable(error):
+                raise StorageUnavailable(f"storage database unavailable: {error}") from error
+            raise
+        return _Lane(connection, raw.driver_connection)
+
+    def _give_back(self, lane: _Lane) -> None:
+        self._free.release()
+        if self._closed:
+            asyncio.get_running_loop().create_task(_close(lane, invalidate=False))
+        else:
+            self._idle.append(lane)
+
+    async def _discard(self, lane: _Lane) -> None:
+        self._free.release()
+        await _close(lane, invalidate=True)
+
+
+async def _close(lane: _Lane, *, invalidate: bool) -> None:
+    try:
+        if invalidate:
+            await lane.connection.invalidate()
+        await lane.connection.close()
+    except Exception:  # a connection already gone has nothing left to close
+        pass

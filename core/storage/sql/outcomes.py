@@ -1,0 +1,154 @@
+"""Health, stored: outcomes folded in by `core.health`'s policy, ejection, re-admission, history.
+
+Each function runs inside the adapter's transaction with the upstream's row locked, so processes
+sharing the database apply one policy to one state. An ejection also locks the pool's row (after
+the upstream's: the catalog's lock order) so that two processes cannot both take the last
+ejection the pool's `max_ejection_percent` allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core import health
+from core.health import HealthRecord, HealthUpdate, RecordSource, Transition
+from core.models import HealthStatus, Outcome, Upstream
+from core.storage.sql.catalog import live_upstream
+from core.storage.sql.leasing import load_pool
+from core.storage.sql.rows import HEALTH_FIELDS, upstream_from_row
+from core.storage.sql.statements import LIVE
+from core.storage.sql.tables import health_history, pools, upstreams
+
+__all__ = ["eject", "history", "readmit", "readmit_due", "record_outcome"]
+
+u = upstreams.c
+h = health_history.c
+_EJECTED = HealthStatus.EJECTED.value
+
+
+async def record_outcome(
+    conn: AsyncConnection,
+    upstream_id: str,
+    outcome: Outcome,
+    latency: float | None,
+    now: float,
+    source: RecordSource,
+    detail: str | None,
+) -> HealthUpdate:
+    row = await live_upstream(conn, upstream_id, lock=True)
+    pool = await load_pool(conn, row.pool)
+    assert pool is not None  # an upstream's pool outlives it
+    policy = pool.health
+    upstream = upstream_from_row(row)
+    transition = Transition.NONE
+    if health.observe(upstream, outcome, latency, now, policy):
+        total, ejected = await _ejection_counts(conn, row.pool)
+        if health.ejection_allowed(total, ejected, policy):
+            _eject(upstream, health.ejection_end(upstream.times_ejected + 1, now, policy), now)
+            transition = Transition.EJECTED
+        else:
+            transition = Transition.PANIC
+    await _save(conn, row.key, upstream)
+    await conn.execute(
+        insert(health_history).values(
+            upstream_key=row.key,
+            at=now,
+            outcome=outcome.value,
+            latency=latency,
+            source=source.value,
+            detail=detail,
+        )
+    )
+    newest = (
+        select(h.id)
+        .where(h.upstream_key == row.key)
+        .order_by(h.id.desc())
+        .limit(policy.history_size)
+    )
+    await conn.execute(delete(health_history).where(h.upstream_key == row.key, h.id.not_in(newest)))
+    return HealthUpdate(upstream, transition)
+
+
+async def eject(conn: AsyncConnection, upstream_id: str, until: float, now: float) -> Upstream:
+    row = await live_upstream(conn, upstream_id, lock=True)
+    upstream = upstream_from_row(row)
+    _eject(upstream, until, now)
+    await _save(conn, row.key, upstream)
+    return upstream
+
+
+async def readmit(conn: AsyncConnection, upstream_id: str, now: float) -> Upstream:
+    row = await live_upstream(conn, upstream_id, lock=True)
+    upstream = upstream_from_row(row)
+    _readmit(upstream, now)
+    await _save(conn, row.key, upstream)
+    return upstream
+
+
+async def readmit_due(conn: AsyncConnection, now: float) -> list[Upstream]:
+    rows = (
+        await conn.execute(
+            select(upstreams)
+            .where(u.status == _EJECTED, u.ejected_until <= now, LIVE)
+            .order_by(u.key)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    due = []
+    for row in rows:
+        upstream = upstream_from_row(row)
+        _readmit(upstream, now)
+        await _save(conn, row.key, upstream)
+        due.append(upstream)
+    return due
+
+
+async def history(conn: AsyncConnection, upstream_id: str) -> list[HealthRecord]:
+    row = await live_upstream(conn, upstream_id)
+    rows = await conn.execute(
+        select(h.at, h.outcome, h.latency, h.source, h.detail)
+        .where(h.upstream_key == row.key)
+        .order_by(h.id)
+    )
+    return [
+        HealthRecord(r.at, Outcome(r.outcome), r.latency, RecordSource(r.source), r.detail)
+        for r in rows
+    ]
+
+
+async def _ejection_counts(conn: AsyncConnection, pool: str) -> tuple[int, int]:
+    """(live upstreams, ejected ones) of `pool`, with its row locked until commit."""
+    await conn.execute(
+        select(pools.c.key).where(pools.c.name == pool).with_for_update(key_share=True)
+    )
+    total, ejected = (
+        await conn.execute(
+            select(
+                func.count(), func.coalesce(func.sum(case((u.status == _EJECTED, 1), else_=0)), 0)
+            ).where(u.pool == pool, LIVE)
+        )
+    ).one()
+    return int(total), int(ejected)
+
+
+def _eject(upstream: Upstream, until: float, now: float) -> None:
+    upstream.status = HealthStatus.EJECTED
+    upstream.ejected_until = until
+    upstream.times_ejected += 1
+    upstream.checked_at = now
+
+
+def _readmit(upstream: Upstream, now: float) -> None:
+    upstream.status = HealthStatus.ACTIVE
+    upstream.ejected_until = None
+    upstream.failure_streak = 0
+    upstream.checked_at = now
+
+
+async def _save(conn: AsyncConnection, key: int, upstream: Upstream) -> None:
+    values: dict[str, Any] = {name: getattr(upstream, name) for name in HEALTH_FIELDS}
+    values["status"] = upstream.status.value
+    await conn.execute(update(upstreams).where(u.key == key).values(values))
