@@ -90,7 +90,8 @@ async def test_four_processes_never_over_lease_and_share_one_rotation(
     counts = [len(spans) for spans in intervals.values()]
     assert len(counts) == size
     share = processes * pairs / size
-    assert min(counts) >= 0.8 * share and max(counts) <= 1.2 * share, counts
+    assert min(counts) >= 0.8 * share, counts
+    assert max(counts) <= 1.2 * share, counts
 
 
 async def test_a_killed_holders_leases_come_back_after_the_grace_period(schema: str) -> None:
