@@ -23,37 +23,10 @@ ADAPTERS: dict[str, StorageFactory] = {
 }
 
 
-#: Lease-manager tests that wait for a waiter to queue by yielding the loop a fixed number of
-#: times (`until_waiting`: 1,000 turns, about a millisecond): time enough for a storage that
-#: answers without I/O, but not always for one database round trip on a loaded machine. On
-#: the SQL adapters they may fail for that reason alone, and are reported as xfail then.
-LOOP_TURN_TIMED = frozenset(
-    {
-        "test_waiters_are_served_first_come_first_served",
-        "test_a_newcomer_does_not_overtake_the_line",
-        "test_a_waiter_whose_filter_does_not_fit_lets_the_next_one_through",
-        "test_a_cancelled_waiter_leaves_the_line_and_leaks_nothing",
-        "test_a_waiter_cancelled_after_the_handover_gives_the_lease_back",
-        "test_expiry_hands_capacity_to_a_waiter",
-        "test_notify_wakes_waiters_when_upstreams_are_added",
-        "test_a_bound_session_never_queues_nor_yields_its_lease_to_waiters",
-    }
-)
-
-
 @pytest.fixture(params=sorted(ADAPTERS))
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     if request.param == "postgresql" and (reason := await postgres_unavailable()):
         skip_or_fail(reason)
-    if request.param != "memory" and request.node.originalname in LOOP_TURN_TIMED:
-        request.node.add_marker(
-            pytest.mark.xfail(
-                reason="until_waiting allows 1,000 loop turns, less than a database round "
-                "trip on a loaded machine",
-                raises=AssertionError,
-                strict=False,
-            )
-        )
     store = ADAPTERS[request.param]()
     await store.open()
     try:
