@@ -307,9 +307,14 @@ class LeaseManager:
             if waiter.future.done():
                 return waiter.future.result()
             if queue[0] is waiter and not waiter.serving:
-                lease = await self.storage.acquire(
-                    waiter.request, holder=self.instance_id, now=self.clock.now()
-                )
+                # Marked as served, so no hand-off leases for it at the same time.
+                waiter.serving = True
+                try:
+                    lease = await self.storage.acquire(
+                        waiter.request, holder=self.instance_id, now=self.clock.now()
+                    )
+                finally:
+                    waiter.serving = False
                 if lease is not None:
                     return lease
 
@@ -321,9 +326,13 @@ class LeaseManager:
             return
         tried_unfiltered = False
         for waiter in list(queue):
-            if waiter.future.done() or waiter.serving:
+            if waiter.future.done():
                 continue
             unfiltered = waiter.request.filters is None and waiter.request.session is None
+            if waiter.serving:
+                # Another hand-off is leasing for it: those behind it must not overtake it.
+                tried_unfiltered |= unfiltered
+                continue
             if unfiltered and tried_unfiltered:
                 continue  # an unfiltered waiter already found nothing: none will
             tried_unfiltered |= unfiltered
