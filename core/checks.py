@@ -215,11 +215,10 @@ class CheckScheduler:
         upstream = report.upstream
         failure = report.failure
         if failure is None:
-            await self.manager.report(
+            update = await self.manager.report(
                 upstream.id, Outcome.OK, report.latency, source=RecordSource.CHECK
             )
-            current = await self.manager.storage.get_upstream(upstream.id)
-            if current.status is HealthStatus.EJECTED:
+            if update.upstream.status is HealthStatus.EJECTED:
                 await self.manager.readmit(upstream.id)
             return
         name, result = failure

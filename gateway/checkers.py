@@ -215,6 +215,13 @@ def _failure(exc: UpstreamError | HttpProtocolError) -> CheckResult:
     return CheckResult.failed(Outcome.PROXY_ERROR, f"not an HTTP answer: {exc}")
 
 
+def _refused_answer(status: int, who: str) -> CheckResult:
+    """An unwanted status: a 5xx is the site's own failure; anything else (403 for a banned
+    exit address, an error page of the proxy's) is held against the upstream."""
+    outcome = Outcome.TARGET_ERROR if status >= 500 else Outcome.PROXY_ERROR
+    return CheckResult.failed(outcome, f"{who} answered {status}")
+
+
 class TcpConnectCheck:
     name = "tcp_connect"
     stage = 0
@@ -307,8 +314,7 @@ class JudgeCheck:
         except (UpstreamError, HttpProtocolError) as exc:
             return _failure(exc)
         if answer.status != 200:
-            outcome = Outcome.TARGET_ERROR if answer.status >= 500 else Outcome.PROXY_ERROR
-            return CheckResult.failed(outcome, f"the judge answered {answer.status}")
+            return _refused_answer(answer.status, "the judge")
         exit_ip, fields = judge_answer(answer.body)
         if exit_ip is None:
             return CheckResult.failed(Outcome.PROXY_ERROR, "the judge's answer has no address")
@@ -361,8 +367,7 @@ class SiteReachCheck:
         except (UpstreamError, HttpProtocolError) as exc:
             return _failure(exc)
         if not 200 <= answer.status < 400:
-            outcome = Outcome.TARGET_ERROR if answer.status >= 500 else Outcome.PROXY_ERROR
-            return CheckResult.failed(outcome, f"{target.url} answered {answer.status}")
+            return _refused_answer(answer.status, target.url)
         return None
 
 
