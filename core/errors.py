@@ -9,6 +9,7 @@ __all__ = [
     "NoUpstreamAvailable",
     "PoolNotFound",
     "SessionFailed",
+    "StorageUnavailable",
     "UpstreamNotFound",
 ]
 
@@ -60,3 +61,8 @@ class SessionFailed(CoreError):
         self.pool = pool
         self.session = session
         self.upstream_id = upstream_id
+
+
+class StorageUnavailable(CoreError):
+    """The storage database is down, restarting or cut off. Nothing was leased; a release or
+    renew may or may not have been applied (a sweep settles it). Retrying later is the cure."""

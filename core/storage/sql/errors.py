@@ -1,18 +1,14 @@
-"""The one error the SQL storage adds to the core's: the database cannot be reached now."""
+"""Telling a database that went away from other SQL errors (raised as `StorageUnavailable`)."""
 
 from __future__ import annotations
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from core.errors import CoreError
+from core.errors import StorageUnavailable
 
 __all__ = ["StorageUnavailable", "is_unavailable"]
 
-
-class StorageUnavailable(CoreError):
-    """The storage database is down, restarting or cut off. Nothing was leased; a release or
-    renew may or may not have been applied (a sweep settles it). Retrying later is the cure."""
 
 
 #: Driver-level signs of a database that went away (asyncpg's own, and the socket's).
