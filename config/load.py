@@ -142,6 +142,16 @@ class _Builder:
                 "retry_budget_percent", self.percent, default.retry_budget_percent
             ),
             retry_budget_min=table.get("retry_budget_min", self.count, default.retry_budget_min),
+            response_timeout=table.get("response_timeout", seconds, default.response_timeout),
+            keepalive_max_idle=table.get(
+                "keepalive_max_idle", self.count, default.keepalive_max_idle
+            ),
+            keepalive_idle_timeout=table.get(
+                "keepalive_idle_timeout", seconds, default.keepalive_idle_timeout
+            ),
+            keepalive_max_uses=table.get(
+                "keepalive_max_uses", self.positive, default.keepalive_max_uses
+            ),
         )
 
     def storage(self) -> StorageSettings:

@@ -128,6 +128,13 @@ class GatewaySettings:
     retry_budget_percent: float = 20.0
     #: but always this many.
     retry_budget_min: int = 3
+    #: Seconds from sending a plain HTTP request to the first byte of its answer.
+    response_timeout: float = 30.0
+    #: Idle upstream connections kept for reuse, per upstream (and target, but for HTTP
+    #: upstreams); 0 opens a connection per request.
+    keepalive_max_idle: int = 32
+    keepalive_idle_timeout: float = 15.0
+    keepalive_max_uses: int = 100
 
 
 @dataclass(frozen=True, slots=True)

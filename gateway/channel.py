@@ -125,8 +125,12 @@ class Channel(asyncio.Protocol):
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def read_more(self) -> None:
-        """Wait until bytes beyond those in `buffer` arrive. ChannelClosed at EOF."""
+    async def read_more(self, timeout: float | None = None) -> None:
+        """Wait until bytes beyond those in `buffer` arrive. ChannelClosed at EOF;
+        TimeoutError when nothing came within `timeout` seconds.
+
+        A timer on the one future is much cheaper than `asyncio.timeout()`, and this is
+        awaited once per request."""
         if self.eof:
             raise ChannelClosed("connection closed by peer")
         if self._reading_paused:
@@ -134,10 +138,13 @@ class Channel(asyncio.Protocol):
             assert self.transport is not None
             self.transport.resume_reading()
         waiter = self._read_waiter = self.loop.create_future()
+        timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
             await waiter
         finally:
             self._read_waiter = None
+            if timer is not None:
+                timer.cancel()
         if self.eof and not self.buffer:
             raise ChannelClosed("connection closed by peer")
 
@@ -185,6 +192,11 @@ class Channel(asyncio.Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def write_all(self, pieces: list[bytes]) -> None:
+        """Write `pieces` in one go (one system call where the transport can)."""
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(pieces)
 
     async def drain(self) -> None:
         """Wait while the outgoing buffer is above the transport's high-water mark."""
@@ -241,3 +253,8 @@ class Channel(asyncio.Protocol):
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

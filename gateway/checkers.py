@@ -105,7 +105,11 @@ async def _fetch(
     answer that is not HTTP."""
     started = time.perf_counter()
     dialed = await dial(
-        upstream, target.host, target.port, tunnel=target.tls, connect_timeout=timeout,
+        upstream,
+        target.host,
+        target.port,
+        tunnel=target.tls,
+        connect_timeout=timeout,
         policy=policy,
     )
     channel = dialed.channel
@@ -347,9 +351,7 @@ class SiteReachCheck:
         return not self.targets
 
     async def check(self, upstream: Upstream, context: CheckContext) -> CheckResult:
-        answers = await asyncio.gather(
-            *(self._reach(upstream, target) for target in self.targets)
-        )
+        answers = await asyncio.gather(*(self._reach(upstream, target) for target in self.targets))
         for failed in answers:
             if failed is not None:
                 return failed

@@ -27,6 +27,7 @@ from gateway.errors import (
 from gateway.relay import relay
 from gateway.retry_budget import RetryBudget
 from gateway.routing import Route, UsernameParams, parse_username
+from gateway.upstream_connections import KeepAliveLimits, UpstreamConnections
 
 __all__ = ["GatewayContext", "Leased"]
 
@@ -53,6 +54,9 @@ class GatewayContext:
     policy: DialPolicy = field(init=False)
     via: bytes = field(init=False)
     retry_budget: RetryBudget = field(init=False)
+    #: Kept connections to upstreams, lent to the next plain HTTP request.
+    connections: UpstreamConnections = field(init=False)
+    _allowed_destinations: set[tuple[str, int, bool]] = field(default_factory=set)
     #: Set when the gateway stops: keep-alive connections take no further requests.
     draining: bool = False
     #: Client connections waiting between requests, closed at once when draining begins.
@@ -68,11 +72,20 @@ class GatewayContext:
         self.retry_budget = RetryBudget(
             self.settings.retry_budget_percent, self.settings.retry_budget_min
         )
+        settings = self.settings
+        self.connections = UpstreamConnections(
+            KeepAliveLimits(
+                max_idle=settings.keepalive_max_idle,
+                idle_timeout=settings.keepalive_idle_timeout,
+                max_uses=settings.keepalive_max_uses,
+            )
+        )
 
     def begin_drain(self) -> None:
         self.draining = True
         for client in list(self.idle_clients):
             client.close()
+        self.connections.close()
 
     @property
     def users(self) -> Users:
@@ -101,6 +114,9 @@ class GatewayContext:
         """Refuse loops and policy-denied destinations: literal IPs here, names only after
         resolution and only for direct dials (in `gateway.dial`): the gateway never resolves
         a name that an upstream will resolve."""
+        key = (host, port, tunnel)
+        if key in self._allowed_destinations:
+            return  # decided before: parsing an address per request is costly
         address = _ip_literal(host)
         if address is None and host.lower() == "localhost":
             address = _LOCALHOST
@@ -110,6 +126,9 @@ class GatewayContext:
             refused = self.policy.refusal(address, port, tunnel=tunnel)
         if refused is not None:
             raise refused
+        if len(self._allowed_destinations) >= _ALLOWED_DESTINATIONS_KEPT:
+            self._allowed_destinations.clear()
+        self._allowed_destinations.add(key)
 
     def check_via(self, via_values: tuple[bytes, ...]) -> None:
         """A request that already passed through this gateway is a loop."""
@@ -126,10 +145,13 @@ class GatewayContext:
         *,
         tunnel: bool,
         avoid: frozenset[str] = frozenset(),
+        reuse: bool = False,
     ) -> Leased:
         """Lease an upstream (none of `avoid`) and reach host:port through it, trying other
         upstreams of the pool while attempts fail before any request byte was sent and the
-        pool's retry budget allows. Every success must be followed by `give_back`."""
+        pool's retry budget allows. With `reuse` (plain HTTP requests only) a kept connection
+        to the leased upstream is lent when there is one. Every success must be followed by
+        `give_back`."""
         try:
             pool = await self.manager.storage.get_pool(route.pool)
         except PoolNotFound:
@@ -137,13 +159,20 @@ class GatewayContext:
         budget = self.retry_budget
         budget.request_started(route.pool)
         try:
-            return await self._attempts(route, pool, host, port, tunnel, set(avoid))
+            return await self._attempts(route, pool, host, port, tunnel, set(avoid), reuse)
         except BaseException:
             budget.request_ended(route.pool)
             raise
 
     async def _attempts(
-        self, route: Route, pool: Pool, host: str, port: int, tunnel: bool, tried: set[str]
+        self,
+        route: Route,
+        pool: Pool,
+        host: str,
+        port: int,
+        tunnel: bool,
+        tried: set[str],
+        reuse: bool,
     ) -> Leased:
         budget = self.retry_budget
         last_error: UpstreamError | None = None
@@ -152,7 +181,7 @@ class GatewayContext:
                 log.info("pool %s: retry budget spent, not retrying", route.pool)
                 raise last_error
             try:
-                return await self._attempt(route, pool, host, port, tunnel, tried)
+                return await self._attempt(route, pool, host, port, tunnel, tried, reuse)
             except NoUpstream:
                 if last_error is not None:
                     raise last_error from None  # every upstream left has been tried
@@ -168,7 +197,14 @@ class GatewayContext:
         raise last_error
 
     async def _attempt(
-        self, route: Route, pool: Pool, host: str, port: int, tunnel: bool, tried: set[str]
+        self,
+        route: Route,
+        pool: Pool,
+        host: str,
+        port: int,
+        tunnel: bool,
+        tried: set[str],
+        reuse: bool,
     ) -> Leased:
         """One lease and dial; a failed dial's upstream joins `tried`."""
         manager = self.manager
@@ -187,6 +223,10 @@ class GatewayContext:
             raise NoUpstream(exc.reason) from None
         except SessionFailed as exc:
             raise SessionLost(exc.upstream_id) from None
+        if reuse:
+            kept = self.connections.borrow(lease.upstream, host, port)
+            if kept is not None:
+                return Leased(lease, kept)
         try:
             dialed = await dial(
                 lease.upstream,
@@ -263,6 +303,7 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
 
 
 _LOCALHOST = ipaddress.ip_address("127.0.0.1")
+_ALLOWED_DESTINATIONS_KEPT = 4096
 _NOT_IN_IP_LITERALS = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
 
 

@@ -98,6 +98,8 @@ class Dialed:
     mode: DialMode
     #: Seconds from the start of the dial to the end of the handshake (for the health EWMA).
     connect_latency: float
+    #: Requests the connection carried before this one (a kept connection lent again).
+    uses: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ __all__ = [
     "GatewayError",
     "LoopDetected",
     "NoUpstream",
+    "ResponseTimeout",
     "SessionLost",
     "UnknownPool",
     "UpstreamError",
@@ -88,6 +89,14 @@ class NoUpstream(GatewayError):
     status = 503
     proxy_error = "connection_limit_reached"
     socks5_reply = 0x01
+
+
+class ResponseTimeout(GatewayError):
+    """A plain HTTP request got no byte of an answer within `response_timeout`."""
+
+    status = 504
+    proxy_error = "http_response_timeout"
+    socks5_reply = 0x06
 
 
 class SessionLost(GatewayError):

@@ -91,7 +91,10 @@ class Exchange:
         "_request_done",
         "_request_parser",
         "_response_parser",
+        "_response_timeout",
+        "_response_timer",
         "_upstream",
+        "_upstream_keep_alive",
         "_via",
         "bytes_down",
         "bytes_up",
@@ -99,6 +102,7 @@ class Exchange:
         "got_response",
         "keep_alive",
         "outcome",
+        "overdue",
         "response_started",
     )
 
@@ -115,6 +119,7 @@ class Exchange:
         client_version: str,
         via: bytes,
         idle_timeout: float,
+        response_timeout: float,
         upstream_is_proxy: bool,
         request_done: bool = False,
         extra_headers: tuple[tuple[bytes, bytes], ...] = (),
@@ -136,6 +141,9 @@ class Exchange:
         self._rechunk_response = False
         self._done: asyncio.Future[None] = client.loop.create_future()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._response_timeout = response_timeout
+        self._response_timer: asyncio.TimerHandle | None = None
+        self._upstream_keep_alive = False
         self._last_progress = -1
         self._quiet_checks = 0
         self.end = ExchangeEnd.DONE
@@ -145,6 +153,8 @@ class Exchange:
         self.bytes_up = 0
         self.bytes_down = 0
         self.got_response = False
+        #: No byte of an answer came within `response_timeout` of the request's end.
+        self.overdue = False
 
     async def run(self) -> ExchangeEnd:
         """Carry the request body and the response; return how it ended."""
@@ -158,6 +168,8 @@ class Exchange:
             # Body pieces parsed together with the head, then bytes read but not yet parsed.
             while self._held and not self._request_done:
                 self._on_request_event(self._held.popleft())
+            if self._request_done:
+                self._await_response()
             if client.buffer and not self._done.done():
                 self._from_client(client.take_buffer())
             if client.eof and not self._done.done():
@@ -196,6 +208,7 @@ class Exchange:
             self._request_done = True
             if self._chunked_request:
                 self._upstream.write(LAST_CHUNK)
+            self._await_response()
         else:  # pragma: no cover - a head cannot come before this request's end
             self._held.append(event)
 
@@ -206,32 +219,52 @@ class Exchange:
 
     # -- upstream side ------------------------------------------------------------------------
 
+    def _await_response(self) -> None:
+        if not self.got_response and self._response_timer is None:
+            self._response_timer = self._client.loop.call_later(
+                self._response_timeout, self._response_overdue
+            )
+
+    def _response_overdue(self) -> None:
+        self._response_timer = None
+        if not self.got_response:
+            self.overdue = True
+            self._upstream_broke(Outcome.READ_TIMEOUT)
+
     def _from_upstream(self, data: bytes) -> None:
-        self.got_response = True
+        if not self.got_response:
+            self.got_response = True
+            if self._response_timer is not None:
+                self._response_timer.cancel()
+                self._response_timer = None
         try:
             events = self._response_parser.feed(data)
         except HttpProtocolError:
             self._upstream_broke(Outcome.PROXY_ERROR)
             return
+        # What these events send the client goes out in one write: a small response's head,
+        # body and end usually arrive together, and each write is a system call.
+        out: list[bytes] = []
         for event in events:
             if self._done.done():
-                return  # e.g. the body of an upstream's 407: not the client's
+                break  # e.g. the body of an upstream's 407: not the client's
             if isinstance(event, BodyData):
                 self.bytes_down += len(event.data)
-                self._client.write(
-                    encode_chunk(event.data) if self._rechunk_response else event.data
-                )
+                out.append(encode_chunk(event.data) if self._rechunk_response else event.data)
             elif isinstance(event, ResponseHead):
-                if not self._on_response_head(event):
-                    return
+                if not self._on_response_head(event, out):
+                    break
             else:
                 assert isinstance(event, ResponseEnd)
                 if self._rechunk_response:
-                    self._client.write(LAST_CHUNK)
+                    out.append(LAST_CHUNK)
+                self._client.write_all(out)
                 self._finish(ExchangeEnd.DONE)
                 return
+        if out:
+            self._client.write_all(out)
 
-    def _on_response_head(self, head: ResponseHead) -> bool:
+    def _on_response_head(self, head: ResponseHead, out: list[bytes]) -> bool:
         if head.status == 407 and self._forward_auth_check:
             # The upstream proxy rejected our credentials: its 407 is not the client's business.
             self.outcome = Outcome.PROXY_AUTH_FAILED
@@ -246,12 +279,13 @@ class Exchange:
             return True  # RFC 9110 15.2: no 1xx to an HTTP/1.0 client
         headers = response_headers(head, self._via)
         if not interim:
+            self._upstream_keep_alive = head.keep_alive
             headers.extend(self._extra_headers)
             self.response_started = True
             if head.status >= 500:
                 self.outcome = Outcome.TARGET_ERROR
             self._frame_response(head, headers)
-        self._client.write(
+        out.append(
             serialize_response_head(
                 head.status, head.reason or REASON_PHRASES.get(head.status, ""), headers
             )
@@ -327,9 +361,23 @@ class Exchange:
                 self._client.reset()  # a cut-off body must not look complete
         self._done.set_result(None)
 
+    @property
+    def upstream_reusable(self) -> bool:
+        """The upstream connection could carry another request: this exchange ended in full
+        on both sides, the upstream said keep-alive, and sent nothing after its answer."""
+        return (
+            self.end is ExchangeEnd.DONE
+            and self._request_done
+            and self._upstream_keep_alive
+            and self._response_parser.ended_cleanly
+            and not self._upstream.eof
+        )
+
     def _detach(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._response_timer is not None:
+            self._response_timer.cancel()
         for side in (self._client, self._upstream):
             side.set_sink(None)
             side.on_write_pressure(None, None)

@@ -6,7 +6,6 @@ connection over to a tunnel. The gateway re-serializes every head it forwards.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 
@@ -14,7 +13,14 @@ from core.models import Lease, Outcome
 from gateway.channel import Channel, ChannelClosed
 from gateway.context import GatewayContext, Leased
 from gateway.dial import DialMode, basic_credentials
-from gateway.errors import AuthRequired, BadRequest, GatewayError, NoUpstream, UpstreamError
+from gateway.errors import (
+    AuthRequired,
+    BadRequest,
+    GatewayError,
+    NoUpstream,
+    ResponseTimeout,
+    UpstreamError,
+)
 from gateway.exchange import Exchange, ExchangeEnd
 from gateway.protocols import (
     BadCredentials,
@@ -38,6 +44,7 @@ _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 #: On the first response after a session moved off a failed upstream: that upstream's id.
 REBOUND_HEADER = b"X-Proxy-Session-Rebound"
 _PROXY_AUTHENTICATE = ((b"Proxy-Authenticate", b'Basic realm="proxygate"'),)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | None) -> None:
@@ -76,8 +83,7 @@ async def _await_next_request(ctx: GatewayContext, client: Channel) -> bool:
         return False
     ctx.idle_clients.add(client)
     try:
-        async with asyncio.timeout(ctx.settings.idle_timeout):
-            await client.read_more()
+        await client.read_more(ctx.settings.idle_timeout)
     except (ChannelClosed, TimeoutError):
         return False
     finally:
@@ -90,21 +96,27 @@ async def _next_head(
 ) -> RequestHead | None:
     """The next request head, which must be complete within `header_timeout` once started
     (TimeoutError), so slow heads cannot pin a connection; None when the client closed."""
-    async with asyncio.timeout(header_timeout):
-        while True:
-            while held:
-                event = held.popleft()
-                if isinstance(event, RequestHead):
-                    return event
-            if client.buffer:
-                held.extend(parser.feed(client.take_buffer()))
-                continue
-            try:
-                await client.read_more()
-            except ChannelClosed:
-                held.extend(parser.feed_eof())
-                if not held:
-                    return None
+    deadline: float | None = None
+    while True:
+        while held:
+            event = held.popleft()
+            if isinstance(event, RequestHead):
+                return event
+        if client.buffer:
+            held.extend(parser.feed(client.take_buffer()))
+            continue
+        # Most heads arrive whole: the clock only runs once one has to be waited for.
+        now = client.loop.time()
+        if deadline is None:
+            deadline = now + header_timeout
+        elif now >= deadline:
+            raise TimeoutError
+        try:
+            await client.read_more(deadline - now)
+        except ChannelClosed:
+            held.extend(parser.feed_eof())
+            if not held:
+                return None
 
 
 def _route(
@@ -161,49 +173,117 @@ async def _forward(
 ) -> bool:
     """Carry one absolute-form request; True when the client connection may carry on."""
     fields, route = _route(ctx, head, listener_pool)
-    ctx.check_destination(head.host, head.port, tunnel=False)
+    host, port = head.host, head.port
+    ctx.check_destination(host, port, tunnel=False)
     has_body = head.chunked or bool(head.content_length)
-    avoid: frozenset[str] = frozenset()
+    # Only a request that may harmlessly go out twice is sent again (RFC 9110 9.2.2), and only
+    # such a request rides a kept connection, which its upstream may be closing right now.
+    replayable = not has_body and head.method in _IDEMPOTENT
+    reuse = replayable and ctx.connections.enabled
+    tried: set[str] = set()
     auth_error: UpstreamError | None = None
-    while True:
-        try:
-            leased = await ctx.lease_and_dial(
-                route, head.host, head.port, tunnel=False, avoid=avoid
+    silence: _Silence | None = None
+    attempt = 0
+    try:
+        while True:
+            try:
+                leased = await ctx.lease_and_dial(
+                    route, host, port, tunnel=False, avoid=frozenset(tried), reuse=reuse
+                )
+            except NoUpstream:
+                if auth_error is not None:
+                    raise auth_error from None
+                raise
+            end, exchange = await _carry(
+                ctx, client, parser, held, head, fields, leased, retry=attempt > 0
             )
-        except NoUpstream:
-            if auth_error is not None:
-                raise auth_error from None
-            raise
-        try:
-            end, exchange = await _exchange(
-                ctx, client, parser, held, head, fields, leased, retry=auth_error is not None
-            )
-        finally:
-            leased.dialed.channel.close()
-            await ctx.give_back(leased.lease)
-        upstream_id = leased.lease.upstream.id
-        if exchange.outcome is not Outcome.OK:
-            await ctx.manager.report(upstream_id, exchange.outcome, None)
-        if end is ExchangeEnd.UPSTREAM_AUTH:
-            auth_error = UpstreamError(
-                exchange.outcome, "upstream proxy rejected its credentials", next_hop=upstream_id
-            )
-            # Nothing reached the target; a bodiless request may try one other upstream.
-            if has_body or avoid:
-                raise auth_error
-            avoid = frozenset({upstream_id})
-            continue
-        if end is ExchangeEnd.UPSTREAM_FAILED:
-            raise UpstreamError(
-                exchange.outcome,
-                "upstream failed before answering",
-                next_hop=upstream_id,
-                retryable=False,
-            )
-        return end is ExchangeEnd.DONE and exchange.keep_alive
+            attempt += 1
+            upstream_id = leased.lease.upstream.id
+            if end is ExchangeEnd.UPSTREAM_FAILED and exchange.overdue:
+                silence = silence or _Silence()
+                silence.silent.append(upstream_id)
+                if not (replayable and silence.retry(ctx, route.pool)):
+                    raise ResponseTimeout(
+                        f"no answer within {ctx.settings.response_timeout:g}s",
+                        next_hop=upstream_id,
+                    )
+                tried.add(upstream_id)
+                continue
+            if silence is not None:
+                # An answer of the target's clears it (a 5xx may be the upstream's own).
+                silence.answered = exchange.response_started and exchange.outcome is Outcome.OK
+            stale = end is ExchangeEnd.UPSTREAM_FAILED and leased.dialed.uses > 0
+            if stale and replayable and not exchange.got_response:
+                # The upstream closed the kept connection as the request went out: not its
+                # fault, and nothing reached the target. Again, on a new connection.
+                reuse = False
+                continue
+            if exchange.outcome is not Outcome.OK:
+                await ctx.manager.report(upstream_id, exchange.outcome, None)
+            if end is ExchangeEnd.UPSTREAM_AUTH:
+                auth_error = UpstreamError(
+                    exchange.outcome,
+                    "upstream proxy rejected its credentials",
+                    next_hop=upstream_id,
+                )
+                # Nothing reached the target; a bodiless request may try one other upstream.
+                if has_body or tried:
+                    raise auth_error
+                tried.add(upstream_id)
+                continue
+            if end is ExchangeEnd.UPSTREAM_FAILED:
+                raise UpstreamError(
+                    exchange.outcome,
+                    "upstream failed before answering",
+                    next_hop=upstream_id,
+                    retryable=False,
+                )
+            return end is ExchangeEnd.DONE and exchange.keep_alive
+    finally:
+        if silence is not None:
+            await silence.settle(ctx, route.pool)
 
 
-async def _exchange(
+class _Silence:
+    """Upstreams that sent nothing back within `response_timeout` for one request.
+
+    A silent upstream is either dead (blackholed) or carrying the request to a slow target:
+    from here the two look the same. The same request sent once more through another upstream
+    tells them apart: if that one answers, the silence was the first upstream's fault (an
+    upstream-side failure for its health); if it is silent too, the target is slow, which is
+    held against no upstream. So a dead target never ejects the upstreams that reach it.
+    """
+
+    __slots__ = ("answered", "retrying", "silent")
+
+    def __init__(self) -> None:
+        self.silent: list[str] = []
+        self.answered = False
+        #: A place taken in the pool's retry budget, held until the request ends.
+        self.retrying = False
+
+    def retry(self, ctx: GatewayContext, pool: str) -> bool:
+        """True when the request may go out once more, after its first silence."""
+        if len(self.silent) > 1 or not ctx.retry_budget.try_retry(pool):
+            return False
+        self.retrying = True
+        return True
+
+    async def settle(self, ctx: GatewayContext, pool: str) -> None:
+        if self.retrying:
+            ctx.retry_budget.retry_ended(pool)
+        if not self.silent:
+            return
+        timeout = ctx.settings.response_timeout
+        for upstream_id in self.silent:
+            if self.answered:
+                detail = f"no answer in {timeout:g}s; another upstream answered the same request"
+                await ctx.manager.report(upstream_id, Outcome.PROXY_ERROR, None, detail=detail)
+            else:
+                await ctx.manager.report(upstream_id, Outcome.READ_TIMEOUT, None)
+
+
+async def _carry(
     ctx: GatewayContext,
     client: Channel,
     parser: RequestParser,
@@ -214,7 +294,36 @@ async def _exchange(
     *,
     retry: bool,
 ) -> tuple[ExchangeEnd, Exchange]:
-    """Send the request head and carry the exchange. On a `retry` the request's end has
+    """One attempt: send the request, carry the exchange, then keep the upstream connection
+    for another request (when it can take one) or close it, and give the lease back."""
+    dialed = leased.dialed
+    exchange: Exchange | None = None
+    try:
+        exchange = _start_exchange(ctx, client, parser, held, head, fields, leased, retry=retry)
+        end = await exchange.run()
+    finally:
+        if exchange is not None and exchange.upstream_reusable:
+            ctx.connections.keep(
+                leased.lease.upstream, head.host, head.port, dialed.channel, dialed.uses + 1
+            )
+        else:
+            dialed.channel.close()
+        await ctx.give_back(leased.lease)
+    return end, exchange
+
+
+def _start_exchange(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    head: RequestHead,
+    fields: ForwardHeaders,
+    leased: Leased,
+    *,
+    retry: bool,
+) -> Exchange:
+    """Send the request head and set up its exchange. On a `retry` the request's end has
     already been read from the client (only bodiless requests are retried)."""
     dialed = leased.dialed
     upstream_is_proxy = dialed.mode is DialMode.FORWARD
@@ -224,8 +333,9 @@ async def _exchange(
     headers.append((b"Via", ctx.via))
     if head.chunked:
         headers.append((b"Transfer-Encoding", b"chunked"))
-    # One request per upstream connection, so its end of message is never in doubt.
-    headers.append((b"Connection", b"close"))
+    if not ctx.connections.enabled:
+        # One request per upstream connection, so its end of message is never in doubt.
+        headers.append((b"Connection", b"close"))
     if upstream_is_proxy:
         target = head.target
         endpoint = leased.lease.upstream.endpoint
@@ -246,13 +356,14 @@ async def _exchange(
         client_version=head.http_version,
         via=ctx.via,
         idle_timeout=ctx.settings.idle_timeout,
+        response_timeout=ctx.settings.response_timeout,
         upstream_is_proxy=upstream_is_proxy,
         request_done=retry,
         extra_headers=rebound_headers(leased.lease),
     )
     if dialed.early:
         dialed.channel.buffer[:0] = dialed.early
-    return await exchange.run(), exchange
+    return exchange
 
 
 def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:

@@ -688,6 +688,12 @@ class ResponseParser(_Parser[ResponseEvent]):
         """True once the final response ended (`ResponseEnd` emitted)."""
         return self._final
 
+    @property
+    def ended_cleanly(self) -> bool:
+        """The final response ended and no byte followed it: the connection could carry
+        another exchange."""
+        return self._final and not self._buf
+
     def feed_eof(self) -> list[ResponseEvent]:
         """The upstream closed. Ends a read-until-EOF body; raises if a response was cut short."""
         if self._error is not None:

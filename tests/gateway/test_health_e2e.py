@@ -139,9 +139,7 @@ async def test_ejection_ends_on_time_and_an_active_check_readmits_sooner(
     healthy = [await fake_http_proxy_factory() for _ in range(3)]
     dead = await fake_http_proxy_factory()
     await dead.refuse()
-    gateway = await start_gateway(
-        pool_toml(dead.url, *(p.url for p in healthy)), clock=clock
-    )
+    gateway = await start_gateway(pool_toml(dead.url, *(p.url for p in healthy)), clock=clock)
     storage = gateway.manager.storage
     dead_id = upstream_id(dead.url)
     for i in range(20):
@@ -281,3 +279,60 @@ async def test_the_retry_budget_bounds_retries_in_flight(
     assert budget.denied > 0
     assert attempts < 80
     assert budget.active("default") == budget.retrying("default") == 0
+
+
+async def test_a_blackholed_http_upstream_on_plain_http_is_blamed_and_the_retry_lands_elsewhere(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    healthy = [await fake_http_proxy_factory() for _ in range(3)]
+    dead = await fake_http_proxy_factory()
+    dead.faults.blackhole = True  # accepts, reads, never answers
+    toml = '[gateway]\nlisten = ["127.0.0.1:0"]\nresponse_timeout = 0.5\n'
+    gateway = await start_gateway(toml + pool_toml(dead.url, *(p.url for p in healthy)))
+    statuses = [
+        (await fetch(origin.url_for(f"/echo?h={i}"), proxy_url(gateway)))[0] for i in range(12)
+    ]
+    blamed = await attempts_with(gateway, dead.url, Outcome.PROXY_ERROR)
+    print(f"blackholed HTTP upstream: {blamed} silent attempts, each answered by a retry")
+    assert statuses == [200] * 12
+    assert blamed >= 1
+    assert dead.connections == blamed
+    assert origin.count("/echo") == 12
+    for proxy in healthy:
+        upstream = await gateway.manager.storage.get_upstream(upstream_id(proxy.url))
+        assert upstream.failure_streak == 0
+
+
+async def test_a_silent_target_is_held_against_no_upstream(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    proxies = [await fake_http_proxy_factory() for _ in range(2)]
+    toml = '[gateway]\nlisten = ["127.0.0.1:0"]\nresponse_timeout = 0.3\n'
+    gateway = await start_gateway(toml + pool_toml(*(p.url for p in proxies)))
+    status, headers, _ = await fetch(origin.url_for("/slow?seconds=3"), proxy_url(gateway))
+    assert status == 504
+    assert "error=http_response_timeout" in headers["Proxy-Status"]
+    assert origin.count("/slow") == 2  # sent once more, through the other upstream
+    for proxy in proxies:
+        upstream = await gateway.manager.storage.get_upstream(upstream_id(proxy.url))
+        assert upstream.failure_streak == 0
+        assert await attempts_with(gateway, proxy.url, Outcome.READ_TIMEOUT) == 1
+
+
+async def test_a_request_with_a_body_is_not_sent_again_after_silence(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    dead = await fake_http_proxy_factory()
+    dead.faults.blackhole = True
+    good = await fake_http_proxy_factory()
+    toml = '[gateway]\nlisten = ["127.0.0.1:0"]\nresponse_timeout = 0.3\n'
+    gateway = await start_gateway(
+        toml + pool_toml(dead.url, good.url, extra='selector = "first_available"')
+    )
+    status, headers, _ = await fetch(
+        origin.url_for("/upload"), proxy_url(gateway), method="POST", data=b"x" * 10
+    )
+    assert status == 504
+    assert "error=http_response_timeout" in headers["Proxy-Status"]
+    assert (dead.connections, good.connections) == (1, 0)
+    assert await attempts_with(gateway, dead.url, Outcome.READ_TIMEOUT) == 1

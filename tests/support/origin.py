@@ -93,6 +93,8 @@ class Origin:
         #: Requests per path (without query), counted when the request head arrives.
         self.hits: Counter[tuple[str, str]] = Counter()
         self.requests: list[OriginRequest] = []
+        #: (address, port) of every client connection that sent a request.
+        self.connections: set[tuple[str, int]] = set()
         self._runner: web.AppRunner | None = None
 
     # -- addresses --------------------------------------------------------------------------
@@ -157,6 +159,9 @@ class Origin:
     @web.middleware
     async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.hits[(request.method, request.path)] += 1
+        if request.transport is not None:
+            peername = request.transport.get_extra_info("peername")
+            self.connections.add((peername[0], peername[1]))
         self.requests.append(
             OriginRequest(
                 method=request.method,

@@ -1,0 +1,205 @@
+"""Keep-alive connections to upstreams, kept between plain HTTP requests for the next one.
+
+Rotation stays per request: the lease is taken as always, and only the connection to the
+leased upstream is reused. A connection to an HTTP proxy carries requests for any target, so it
+is kept per upstream; through any other upstream (SOCKS, direct) a connection reaches one
+target, so it is kept per upstream and target.
+
+The recycling rules of an object pool:
+
+- *max uses*: a connection that carried `max_uses` requests is closed instead of kept, so
+  long-lived connections cannot pin an upstream's per-connection state forever;
+- *idle expiry*: one kept longer than `idle_timeout` is closed (upstreams close idle
+  connections too, and reusing one they are closing costs a retry);
+- *health on borrow*: a connection the upstream closed, or that received bytes while idle (an
+  upstream speaking out of turn), is never lent; one closed while idle is dropped at once;
+- *bounds*: at most `max_idle` per key, the oldest going first when a newer one is kept.
+
+Connections are lent most recently used first: the warmest is the least likely to be closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from core.endpoints import Endpoint, Scheme
+from core.models import Upstream
+from gateway.channel import Channel
+from gateway.dial import Dialed, DialMode
+
+__all__ = ["ConnectionStats", "KeepAliveLimits", "UpstreamConnections"]
+
+_Key = tuple[Endpoint, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveLimits:
+    #: Idle connections kept per key; 0 turns reuse off (one connection per request).
+    max_idle: int = 32
+    #: Seconds a connection may stay idle before it is closed.
+    idle_timeout: float = 15.0
+    #: Requests one connection may carry before it is closed.
+    max_uses: int = 100
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    idle: int = 0
+    #: Requests that got a kept connection, and those that needed a new one.
+    reused: int = 0
+    missed: int = 0
+    #: Connections kept after a request, and those closed because of a rule above.
+    kept: int = 0
+    expired: int = 0
+    retired: int = 0
+    closed_by_upstream: int = 0
+    evicted: int = 0
+
+
+class _Idle:
+    """A kept connection; its bound methods are the channel's callbacks while it waits."""
+
+    __slots__ = ("channel", "key", "owner", "since", "uses")
+
+    def __init__(
+        self, owner: UpstreamConnections, key: _Key, channel: Channel, uses: int, since: float
+    ) -> None:
+        self.owner = owner
+        self.key = key
+        self.channel = channel
+        self.uses = uses
+        self.since = since
+
+    def unsolicited(self, data: bytes) -> None:
+        self.gone()
+
+    def gone(self, exc: BaseException | None = None) -> None:
+        self.owner._drop(self)
+
+
+class UpstreamConnections:
+    def __init__(self, limits: KeepAliveLimits) -> None:
+        self.limits = limits
+        self.stats = ConnectionStats()
+        self._idle: dict[_Key, list[_Idle]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.limits.max_idle > 0 and not self._closed
+
+    def borrow(self, upstream: Upstream, host: str, port: int) -> Dialed | None:
+        """A kept connection to `upstream` for a plain HTTP request to host:port (its `uses`
+        say how many requests it already carried); None when there is none fit to use."""
+        key = _key(upstream, host, port)
+        stack = self._idle.get(key)
+        stats = self.stats
+        if stack:
+            now = asyncio.get_running_loop().time()
+            deadline = now - self.limits.idle_timeout
+            while stack:
+                entry = stack.pop()
+                stats.idle -= 1
+                channel = entry.channel
+                channel.set_sink(None)
+                if channel.closed or channel.eof or channel.buffer:
+                    stats.closed_by_upstream += 1
+                    channel.close()
+                elif entry.since < deadline:
+                    stats.expired += 1
+                    channel.close()
+                else:
+                    stats.reused += 1
+                    mode = DialMode.TUNNEL if key[2] else DialMode.FORWARD
+                    return Dialed(channel, b"", mode, 0.0, entry.uses)
+        stats.missed += 1
+        return None
+
+    def keep(self, upstream: Upstream, host: str, port: int, channel: Channel, uses: int) -> None:
+        """Take back a connection that carried `uses` requests and is ready for another
+        (its response ended and nothing followed it); closes it when a rule says so."""
+        limits = self.limits
+        if not self.enabled or channel.closed or channel.eof or channel.buffer:
+            channel.close()
+            return
+        if uses >= limits.max_uses:
+            self.stats.retired += 1
+            channel.close()
+            return
+        key = _key(upstream, host, port)
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
+        elif len(stack) >= limits.max_idle:
+            oldest = stack.pop(0)
+            self._forget(oldest)
+            self.stats.evicted += 1
+            oldest.channel.close()
+        loop = asyncio.get_running_loop()
+        entry = _Idle(self, key, channel, uses, loop.time())
+        channel.set_sink(entry.unsolicited, on_eof=entry.gone, on_lost=entry.gone)
+        # Its last exchange may have paused it for a slow client: an idle connection must
+        # hear its upstream close.
+        channel.resume_reading()
+        stack.append(entry)
+        self.stats.idle += 1
+        self.stats.kept += 1
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(limits.idle_timeout / 2, self._sweep)
+
+    def close(self) -> None:
+        """Close every kept connection and keep none from now on (the gateway is stopping)."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for stack in self._idle.values():
+            for entry in stack:
+                entry.channel.set_sink(None)
+                entry.channel.close()
+        self._idle.clear()
+        self.stats.idle = 0
+
+    def _drop(self, entry: _Idle) -> None:
+        """The upstream closed a kept connection, or spoke while it was idle."""
+        if self._forget(entry):
+            self.stats.closed_by_upstream += 1
+        entry.channel.set_sink(None)
+        entry.channel.close()
+
+    def _forget(self, entry: _Idle) -> bool:
+        stack = self._idle.get(entry.key)
+        if stack is None or entry not in stack:
+            return False
+        stack.remove(entry)
+        self.stats.idle -= 1
+        if not stack:
+            del self._idle[entry.key]
+        return True
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self.limits.idle_timeout
+        for key in list(self._idle):
+            stack = self._idle[key]
+            # Oldest first: the stack is in the order connections were kept.
+            while stack and stack[0].since < deadline:
+                entry = stack.pop(0)
+                self.stats.idle -= 1
+                self.stats.expired += 1
+                entry.channel.set_sink(None)
+                entry.channel.close()
+            if not stack:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = loop.call_later(self.limits.idle_timeout / 2, self._sweep)
+
+
+def _key(upstream: Upstream, host: str, port: int) -> _Key:
+    endpoint = upstream.endpoint
+    if endpoint.scheme is Scheme.HTTP or endpoint.scheme is Scheme.HTTPS:
+        return (endpoint, "", 0)
+    return (endpoint, host, port)
