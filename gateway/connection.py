@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from gateway.channel import Channel, ChannelClosed
@@ -26,8 +25,7 @@ async def serve_connection(ctx: GatewayContext, client: Channel, listener_pool: 
     """Serve a client until it is done; the channel is closed on every exit."""
     try:
         if not client.buffer:
-            async with asyncio.timeout(ctx.settings.header_timeout):
-                await client.read_more()
+            await client.read_more(ctx.settings.header_timeout)
         await _SERVERS[detect_protocol(client.buffer[0])](ctx, client, listener_pool)
     except (ChannelClosed, TimeoutError, ConnectionError):
         pass

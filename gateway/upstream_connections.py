@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from core.endpoints import Endpoint, Scheme
+from core.endpoints import Scheme
 from core.models import Upstream
 from gateway.channel import Channel
 from gateway.dial import Dialed, DialMode
 
 __all__ = ["ConnectionStats", "KeepAliveLimits", "UpstreamConnections"]
 
-_Key = tuple[Endpoint, str, int]
+_Key = tuple[str, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +97,8 @@ class UpstreamConnections:
         stack = self._idle.get(key)
         stats = self.stats
         if stack:
-            now = asyncio.get_running_loop().time()
-            deadline = now - self.limits.idle_timeout
+            # Not asyncio.get_running_loop(): it makes a system call (getpid) each time.
+            deadline = stack[-1].channel.loop.time() - self.limits.idle_timeout
             while stack:
                 entry = stack.pop()
                 stats.idle -= 1
@@ -137,7 +137,7 @@ class UpstreamConnections:
             self._forget(oldest)
             self.stats.evicted += 1
             oldest.channel.close()
-        loop = asyncio.get_running_loop()
+        loop = channel.loop
         entry = _Idle(self, key, channel, uses, loop.time())
         channel.set_sink(entry.unsolicited, on_eof=entry.gone, on_lost=entry.gone)
         # Its last exchange may have paused it for a slow client: an idle connection must
@@ -199,7 +199,9 @@ class UpstreamConnections:
 
 
 def _key(upstream: Upstream, host: str, port: int) -> _Key:
-    endpoint = upstream.endpoint
-    if endpoint.scheme is Scheme.HTTP or endpoint.scheme is Scheme.HTTPS:
-        return (endpoint, "", 0)
-    return (endpoint, host, port)
+    # The id names the endpoint (and a string hashes once); the endpoint itself would be
+    # hashed field by field on every request.
+    scheme = upstream.endpoint.scheme
+    if scheme is Scheme.HTTP or scheme is Scheme.HTTPS:
+        return (upstream.id, "", 0)
+    return (upstream.id, host, port)
