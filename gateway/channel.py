@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import socket
 import struct
 from collections.abc import Callable
@@ -26,6 +27,20 @@ CLOSE_GRACE = 30.0
 
 Sink = Callable[[bytes], None]
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _transports_with_nodelay() -> frozenset[type]:
+    """Transport types that set TCP_NODELAY themselves (uvloop's TCP): asking for their
+    socket and setting it again would cost an object and a system call per connection."""
+    try:
+        uvloop_loop = importlib.import_module("uvloop.loop")
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return frozenset()
+    tcp = getattr(uvloop_loop, "TCPTransport", None)
+    return frozenset() if tcp is None else frozenset({tcp})
+
+
+_NODELAY_BY_DEFAULT = _transports_with_nodelay()
 
 
 class ChannelClosed(ConnectionError):
@@ -73,6 +88,8 @@ class Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
+        if type(transport) in _NODELAY_BY_DEFAULT:
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Proxied traffic is latency-bound: small writes must not wait for Nagle.

@@ -185,3 +185,15 @@ async def test_cancelling_the_relay_closes_both_sides(rig: Rig) -> None:
         await task
     assert await rig.client_reader.read() == b""
     assert await rig.far_reader.read() == b""
+
+
+@pytest.mark.parametrize("side", ["client_channel", "upstream_channel"])
+async def test_channels_send_small_writes_at_once(rig: Rig, side: str) -> None:
+    """Nagle's algorithm stays off on both sides (latency-bound proxied traffic)."""
+    channel: Channel = getattr(rig, side)
+    assert channel.transport is not None
+    sock = channel.transport.get_extra_info("socket")
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        rig.client_channel.close()
