@@ -4,6 +4,14 @@ It adds to storage what storage cannot do alone: waiting in line when every upst
 (a release hands its capacity straight to the first waiter that can use it, so newcomers never
 overtake the line), sessions that outlive a request, callbacks, and the sweeper that takes back
 expired leases.
+
+While a shared storage is unavailable (StorageUnavailable), acquiring fails at once, but giving
+back never fails: releases, sessions' idle countdowns and traffic outcomes are kept
+(`core.backlog`) and written by the first sweep that finds the storage answering again. If that
+took longer than the storage's `holder_grace`, other processes may have judged this one dead and
+taken its leases back: the sweep then re-validates the leases in use here, forgets those that
+are gone (their connections go on; their upstreams may carry more than `max_concurrency` until
+they end) and counts them in `lost_leases`.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 
+from core.backlog import Backlog, LeaseWrite, OutcomeWrite
 from core.clock import Clock, SystemClock
-from core.errors import CoreError, NoUpstreamAvailable
+from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable
 from core.health import HealthUpdate, RecordSource, Transition
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
 from core.storage.interface import Storage
@@ -75,6 +84,9 @@ class LeaseManager:
         #: How often a waiter re-tries on its own when other processes share the storage.
         self.poll_interval = poll_interval
         self.double_releases = 0
+        #: Leases in use here that other processes took back while the storage was out of
+        #: reach for longer than its holder grace.
+        self.lost_leases = 0
         self._waiters: dict[str, deque[_Waiter]] = {}
         # Users of each session lease right now: it expires only once idle, not while in use.
         self._session_users: dict[str, int] = {}
@@ -85,6 +97,16 @@ class LeaseManager:
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Leases acquired here and not yet put back, and the upstream of every lease granted
+        # (what a traffic outcome kept for later is answered with).
+        self._in_use: dict[str, Lease] = {}
+        self._upstreams: dict[str, Upstream] = {}
+        self._lost: set[str] = set()
+        self._backlog = Backlog()
+        # Monotonic: when the storage was found unavailable (None: it answers), and when a
+        # sweep last went through.
+        self._down_since: float | None = None
+        self._last_sweep: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -98,6 +120,17 @@ class LeaseManager:
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+        if self._backlog:
+            try:
+                await self._apply_backlog()
+            except StorageUnavailable:
+                log.warning(
+                    "closing with the storage unavailable: %d lease writes and %d outcomes "
+                    "not written; other processes' sweeps take the leases back once this "
+                    "holder has been silent for the storage's holder grace",
+                    len(self._backlog.leases),
+                    len(self._backlog.outcomes),
+                )
 
     async def __aenter__(self) -> LeaseManager:
         await self.start()
@@ -133,7 +166,7 @@ class LeaseManager:
                 if lease.uses > 1 or not self._waiters.get(request.pool):
                     return await self._acquired(lease, 0.0)
                 # A fresh grant while others wait: offered to them first, then to us, in line.
-                await self.storage.release(lease)
+                await self._return_grant(lease)
             else:
                 offer = False
         started = time.perf_counter()
@@ -141,28 +174,62 @@ class LeaseManager:
         return await self._acquired(lease, time.perf_counter() - started)
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
+        self._in_use[lease.id] = lease
+        self._upstreams[lease.upstream.id] = lease.upstream
         if lease.session is not None:
             self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
-            await self.storage.renew(lease, None)  # in use: no idle countdown
+            if lease.id in self._backlog.leases or self._backlog.lock.locked():
+                async with self._backlog.lock:  # the kept countdown is written first
+                    self._backlog.forget(lease.id)
+            try:
+                await self.storage.renew(lease, None)  # in use: no idle countdown
+            except StorageUnavailable:
+                await self.put_back(lease)  # not ours after all: its idle countdown goes on
+                raise
         if self._on_acquire:
             await self._emit(self._on_acquire, LeaseEventKind.ACQUIRED, lease, waited, 0.0)
         return lease
 
     async def release(self, lease: Lease) -> bool:
         """Give a lease back. A second release of the same lease changes nothing: it returns
-        False and is counted in `double_releases`."""
+        False and is counted in `double_releases`. While the storage is unavailable the
+        release is kept and written once it answers (True: it will be)."""
         self._session_users.pop(lease.id, None)
         self._unbound.discard(lease.id)
-        if not await self.storage.release(lease):
+        self._in_use.pop(lease.id, None)
+        self._backlog.forget(lease.id)  # this release is the lease's last word now
+        lost = lease.id in self._lost
+        self._lost.discard(lease.id)
+        try:
+            released = await self.storage.release(lease)
+        except StorageUnavailable as error:
+            self._keep(LeaseWrite(lease, release=True), error)
+            return True
+        if lost:  # taken back by another process: nothing was ours to release
+            return False
+        if not released:
             self.double_releases += 1
             log.debug("lease %s released twice (or after it expired)", lease.id)
             return False
+        await self._released(lease, True)
+        return True
+
+    async def _released(self, lease: Lease, released: bool) -> None:
+        """Capacity came back: to the waiters first, then the callbacks hear of it."""
+        if not released:
+            return
         if self._waiters.get(lease.pool):
             await self._handoff(lease.pool)
         if self._on_release:
             held = self.clock.now() - lease.acquired_at
             await self._emit(self._on_release, LeaseEventKind.RELEASED, lease, 0.0, held)
-        return True
+
+    async def _return_grant(self, lease: Lease) -> None:
+        """Give back a fresh grant nobody used (kept for later if the storage is unavailable)."""
+        try:
+            await self.storage.release(lease)
+        except StorageUnavailable as error:
+            self._keep(LeaseWrite(lease, release=True), error)
 
     async def renew(self, lease: Lease, duration: float | None) -> bool:
         """Let a held lease live `duration` more seconds from now (None: until released)."""
@@ -178,10 +245,16 @@ class LeaseManager:
         if users > 0:
             self._session_users[lease.id] = users
             return True
+        self._in_use.pop(lease.id, None)
         if lease.id in self._unbound:
             self._unbound.discard(lease.id)
             return await self.release(lease)
-        return await self.renew(lease, lease.idle_ttl)
+        expires_at = None if lease.idle_ttl is None else self.clock.now() + lease.idle_ttl
+        try:
+            return await self.storage.renew(lease, expires_at)
+        except StorageUnavailable as error:
+            self._keep(LeaseWrite(lease, release=False, expires_at=expires_at), error)
+            return True
 
     async def unbind_session(self, lease: Lease, *, fail: bool) -> None:
         """Part a session from `lease`, whose upstream failed: its next request binds another
@@ -217,13 +290,31 @@ class LeaseManager:
         source: RecordSource = RecordSource.TRAFFIC,
         detail: str | None = None,
     ) -> HealthUpdate:
-        """Feed one attempt's outcome into the upstream's health (which may eject it)."""
-        update = await self.storage.record_outcome(
-            upstream_id, outcome, latency, self.clock.now(), source=source, detail=detail
-        )
+        """Feed one attempt's outcome into the upstream's health (which may eject it).
+
+        While the storage is unavailable, an outcome of traffic through an upstream leased
+        here is kept for later, and the answer is the upstream as last seen, unchanged; any
+        other report raises StorageUnavailable.
+        """
+        now = self.clock.now()
+        try:
+            update = await self.storage.record_outcome(
+                upstream_id, outcome, latency, now, source=source, detail=detail
+            )
+        except StorageUnavailable as error:
+            known = self._upstreams.get(upstream_id)
+            if source is not RecordSource.TRAFFIC or known is None:
+                raise
+            kept = OutcomeWrite(upstream_id, outcome, latency, now, source, detail)
+            self._backlog.keep_outcome(kept)
+            self._storage_down(error)
+            return HealthUpdate(known, Transition.NONE)
+        self._recorded(update)
+        return update
+
+    def _recorded(self, update: HealthUpdate) -> None:
         if update.transition is not Transition.NONE:
             self._log_transition(update)
-        return update
 
     async def readmit(self, upstream_id: str) -> Upstream:
         """Lease an ejected upstream again (an active check found it working)."""
@@ -238,8 +329,12 @@ class LeaseManager:
             asyncio.get_running_loop().create_task(self._handoff(pool), name=f"handoff-{pool}")
 
     async def sweep(self) -> list[Lease]:
-        """Release expired leases and re-admit upstreams whose ejection is over (the
-        background sweeper calls this periodically)."""
+        """Write what was kept while the storage was unavailable, release expired leases and
+        re-admit upstreams whose ejection is over (the background sweeper calls this
+        periodically). Raises StorageUnavailable while the storage is."""
+        started = time.monotonic()
+        if self._backlog:
+            await self._apply_backlog()
         for upstream in await self.storage.readmit_due(self.clock.now()):
             log.info("upstream %s re-admitted: its ejection time is over", upstream.id)
             self.notify(upstream.pool)
@@ -248,6 +343,9 @@ class LeaseManager:
         expired = await self.storage.release_expired(self.clock.now())
         for lease in expired:
             self._session_users.pop(lease.id, None)
+            self._in_use.pop(lease.id, None)
+            self._backlog.forget(lease.id)
+        await self._storage_answers(started)
         for pool in {lease.pool for lease in expired}:
             if self._waiters.get(pool):
                 await self._handoff(pool)
@@ -351,7 +449,7 @@ class LeaseManager:
                 continue
             if waiter.future.done():  # it gave up while we were leasing for it
                 if lease.uses == 1:
-                    await self.storage.release(lease)
+                    await self._return_grant(lease)
                 continue
             waiter.future.set_result(lease)
             return
@@ -405,7 +503,11 @@ class LeaseManager:
         waited: float,
         held: float,
     ) -> None:
-        stats = await self.storage.stats(lease.pool, self.clock.now())
+        try:
+            stats = await self.storage.stats(lease.pool, self.clock.now())
+        except StorageUnavailable:
+            log.debug("lease %s event not told: the storage is unavailable", kind.value)
+            return
         event = LeaseEvent(kind, lease, waited, held, stats)
         for callback in callbacks:
             try:
@@ -418,5 +520,65 @@ class LeaseManager:
             await asyncio.sleep(self.sweep_interval)
             try:
                 await self.sweep()
+            except StorageUnavailable as error:
+                self._storage_down(error)
             except Exception:
                 log.exception("lease sweep failed; trying again in %gs", self.sweep_interval)
+
+    # -- the storage going away and coming back -----------------------------------------------
+
+    def _keep(self, write: LeaseWrite, error: StorageUnavailable) -> None:
+        self._backlog.keep_lease(write)
+        self._storage_down(error)
+
+    def _storage_down(self, error: StorageUnavailable) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        log.warning(
+            "storage unavailable (%s): leasing fails until it answers; releases and outcomes "
+            "are kept meanwhile",
+            str(error).partition("\n")[0],
+        )
+
+    async def _apply_backlog(self) -> None:
+        kept, dropped = len(self._backlog), self._backlog.dropped_outcomes
+        await self._backlog.apply(self.storage, self._released, self._recorded)
+        log.info("wrote %d releases and outcomes kept while the storage was unavailable", kept)
+        if dropped:
+            log.warning("%d outcomes were dropped while the storage was unavailable", dropped)
+            self._backlog.dropped_outcomes = 0
+
+    async def _storage_answers(self, started: float) -> None:
+        """A sweep went through: end an outage, and after a long silence check which of the
+        leases in use here are still ours."""
+        last, self._last_sweep = self._last_sweep, started
+        if self._down_since is not None:
+            log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+        grace: float | None = getattr(self.storage, "holder_grace", None)
+        if grace is not None and last is not None and started - last > grace:
+            await self._revalidate(started - last)
+
+    async def _revalidate(self, silence: float) -> None:
+        ours = {
+            lease.id
+            for lease in await self.storage.list_leases()
+            if lease.holder == self.instance_id
+        }
+        lost = [lease_id for lease_id in self._in_use if lease_id not in ours]
+        for lease_id in lost:
+            del self._in_use[lease_id]
+            self._session_users.pop(lease_id, None)
+            self._unbound.discard(lease_id)
+            self._backlog.forget(lease_id)
+            self._lost.add(lease_id)
+        self.lost_leases += len(lost)
+        if lost:
+            log.warning(
+                "%d leases in use here were taken back by other processes while the storage "
+                "was out of reach for %.0fs (longer than its holder grace); their connections "
+                "go on, so their upstreams may carry more than max_concurrency until they end",
+                len(lost),
+                silence,
+            )

@@ -2,6 +2,11 @@
 
 `Gateway.stop()` drains: listeners stop accepting, open requests and tunnels get up to
 `drain_timeout` to finish, the rest are cancelled (every lease is released on the way out).
+
+Storage URLs (`storage.url`): `memory://` (this process only), `sqlite:///path/to/file.db`,
+`postgresql://user:password@host[:port]/database` (also `postgres://`, and libpq's
+`?options=-csearch_path%3DSCHEMA`). The SQL package, and SQLAlchemy with it, is imported only
+for a SQL URL.
 """
 
 from __future__ import annotations
@@ -9,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from urllib.parse import unquote
 
 from aiohttp import web
 
-from config import Settings
+from config import Settings, redact_url
 from core.checks import CheckScheduler
 from core.clock import Clock
-from core.errors import CatalogError
+from core.errors import CatalogError, CoreError, StorageUnavailable
 from core.leasing import LeaseManager
+from core.models import Upstream
 from core.storage.interface import Storage
 from core.storage.memory import MemoryStorage
 from gateway.admin import build_admin_app
@@ -24,14 +31,11 @@ from gateway.channel import Channel
 from gateway.checkers import build_checkers, learn_real_ip
 from gateway.connection import serve_connection
 from gateway.context import GatewayContext
+from gateway.errors import StartupError
 
-__all__ = ["Gateway", "StartupError"]
+__all__ = ["Gateway", "StartupError", "describe_storage_error", "open_storage"]
 
 log = logging.getLogger("proxygate")
-
-
-class StartupError(Exception):
-    """The gateway cannot start; the message says why."""
 
 
 class _ClientChannel(Channel):
@@ -51,12 +55,24 @@ class _ClientChannel(Channel):
 
 class Gateway:
     def __init__(
-        self, settings: Settings, *, storage: Storage | None = None, clock: Clock | None = None
+        self,
+        settings: Settings,
+        *,
+        storage: Storage | None = None,
+        clock: Clock | None = None,
+        reuse_port: bool = False,
+        serve_admin: bool = True,
     ) -> None:
+        """For `proxygate run --workers N`: `reuse_port` listens with SO_REUSEPORT, beside the
+        other workers on the same ports; `serve_admin` False leaves the admin listener to
+        another worker (its address still counts as the gateway's own, for loop checks)."""
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.storage = storage if storage is not None else open_storage(settings.storage.url)
         self.manager = LeaseManager(self.storage, clock=clock)
+        self._reuse_port = reuse_port
+        self._serve_admin = serve_admin
+        self._storage_open = False
         self.listen_addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
         self._servers: list[asyncio.Server] = []
@@ -79,7 +95,7 @@ class Gateway:
             raise
 
     async def _start(self) -> None:
-        await self.storage.open()
+        await self._open_storage()
         await self._load_catalog()
         await self.manager.start()
         for listener in self.settings.all_listeners():
@@ -87,7 +103,7 @@ class Gateway:
             host, port = server.sockets[0].getsockname()[:2]
             self.listen_addresses.append((host, port))
         admin = self.settings.admin
-        if admin.listen is not None:
+        if admin.listen is not None and self._serve_admin:
             self._admin = web.AppRunner(
                 build_admin_app(self.manager, token=admin.token), access_log=None
             )
@@ -99,6 +115,8 @@ class Gateway:
         own = set(self.listen_addresses)
         if self.admin_address is not None:
             own.add(self.admin_address)
+        elif admin.listen is not None:
+            own.add((admin.listen.host, admin.listen.port))
         self._context = GatewayContext(
             self.settings.gateway,
             self.manager,
@@ -128,6 +146,21 @@ class Gateway:
         )
         await self._checks.start()
 
+    async def _open_storage(self) -> None:
+        try:
+            await self.storage.open()
+        except Exception as error:
+            raise self._storage_failed(error) from None
+        self._storage_open = True
+
+    def _storage_failed(self, error: Exception) -> Exception:
+        """A clean StartupError for the database's failures; anything else as it is."""
+        url = self.settings.storage.url
+        reason = describe_storage_error(error, url)
+        if reason is None:
+            return error
+        return StartupError(f"storage.url {redact_url(url)!r}: {reason}")
+
     async def _listen(self, host: str, port: int, pool: str | None) -> asyncio.Server:
         try:
             server = await self.loop.create_server(
@@ -135,6 +168,7 @@ class Gateway:
                 host,
                 port,
                 reuse_address=True,
+                reuse_port=self._reuse_port or None,
                 start_serving=False,
                 family=socket.AF_INET6 if ":" in host else socket.AF_INET,
             )
@@ -144,13 +178,27 @@ class Gateway:
         return server
 
     async def _load_catalog(self) -> None:
-        for pool in self.settings.pools:
+        try:
+            for pool in self.settings.pools:
+                try:
+                    await self.storage.add_pool(pool.to_pool())
+                except CatalogError:
+                    await self.storage.update_pool(pool.to_pool())
+                await self._add_upstreams(pool.name, pool.to_upstreams())
+        except StorageUnavailable as error:
+            raise self._storage_failed(error) from None
+
+    async def _add_upstreams(self, pool: str, upstreams: list[Upstream]) -> None:
+        """Add those the storage lacks. Processes sharing the storage and starting together
+        may add some meanwhile: then look again (once: nobody adds the same ones twice)."""
+        for retry in (False, True):
+            known = {u.id for u in await self.storage.list_upstreams(pool)}
             try:
-                await self.storage.add_pool(pool.to_pool())
+                await self.storage.add_upstreams(u for u in upstreams if u.id not in known)
+                return
             except CatalogError:
-                await self.storage.update_pool(pool.to_pool())
-            known = {u.id for u in await self.storage.list_upstreams(pool.name)}
-            await self.storage.add_upstreams(u for u in pool.to_upstreams() if u.id not in known)
+                if retry:
+                    raise
 
     def serve(self, channel: Channel, pool: str | None) -> None:
         if self._context is None:  # accepted during shutdown
@@ -192,16 +240,67 @@ class Gateway:
             await self._admin.cleanup()
         if self._checks is not None:
             await self._checks.close()
-        # Sessions outlive their requests: give back what they still hold here too.
-        for lease in await self.storage.list_leases():
-            if lease.holder == self.manager.instance_id:
-                await self.manager.release(lease)
+        if self._storage_open:
+            await self._release_sessions()
         await self.manager.close()
         await self.storage.close()
 
+    async def _release_sessions(self) -> None:
+        """Sessions outlive their requests: give back what they still hold here too."""
+        try:
+            leases = await self.storage.list_leases()
+        except StorageUnavailable:
+            log.warning(
+                "stopping with the storage unavailable: this process's session leases are "
+                "taken back by other processes' sweeps once its heartbeat has been silent "
+                "for the holder grace"
+            )
+            return
+        for lease in leases:
+            if lease.holder == self.manager.instance_id:
+                await self.manager.release(lease)
+
 
 def open_storage(url: str) -> Storage:
-    scheme = url.partition("://")[0]
+    """The storage `url` names (see the module's docstring), not yet opened. A URL that cannot
+    work is a StartupError naming `storage.url` (password hidden) and the reason."""
+    scheme = url.partition("://")[0].lower()
     if scheme == "memory":
         return MemoryStorage()
-    raise StartupError(f"storage {scheme}:// is not available in this release; use memory://")
+    # Imported here, so that memory storage never loads SQLAlchemy.
+    from core.storage.sql import SQLStorage, async_url
+
+    try:
+        async_url(url)
+    except ValueError as error:
+        raise StartupError(f"storage.url {redact_url(url)!r}: {_scrub(str(error), url)}") from None
+    return SQLStorage(url)
+
+
+def describe_storage_error(error: BaseException, url: str) -> str | None:
+    """What went wrong with the storage database at `url`, in one line and without its
+    password; None when `error` is not about the database (a bug: let it be raised)."""
+    if isinstance(error, CoreError):  # SchemaOutOfDate, StorageUnavailable
+        text = str(error)
+    elif isinstance(error, OSError):
+        text = error.strerror or str(error)
+    else:
+        # Only a SQL storage gets here, so SQLAlchemy is loaded already.
+        from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+        if isinstance(error, DBAPIError) and error.orig is not None:
+            text = str(error.orig) or type(error.orig).__name__
+        elif isinstance(error, SQLAlchemyError):
+            text = str(error)
+        else:
+            return None
+    return _scrub(text.strip().partition("\n")[0], url)
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` without the password of `url`, as written or decoded."""
+    rest = url.partition("://")[2]
+    password = rest.rpartition("@")[0].partition(":")[2] if "@" in rest else ""
+    for secret in {password, unquote(password)} - {""}:
+        text = text.replace(secret, "***")
+    return text

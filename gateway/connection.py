@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from core.errors import StorageUnavailable
 from gateway.channel import Channel, ChannelClosed
 from gateway.context import GatewayContext
 from gateway.http_proxy import serve_http
@@ -29,6 +30,9 @@ async def serve_connection(ctx: GatewayContext, client: Channel, listener_pool: 
         await _SERVERS[detect_protocol(client.buffer[0])](ctx, client, listener_pool)
     except (ChannelClosed, TimeoutError, ConnectionError):
         pass
+    except StorageUnavailable as exc:
+        # Leasing answers 503 for this itself; this is a later step that needed the storage.
+        log.warning("connection from %s ended: %s", client.peer, str(exc).partition("\n")[0])
     except Exception:
         # A bug, not a client's doing: log it for us, give the client a closed connection.
         log.exception("internal error serving %s", client.peer)

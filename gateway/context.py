@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config import GatewaySettings, Users
-from core.errors import NoUpstreamAvailable, PoolNotFound, SessionFailed
+from core.errors import NoUpstreamAvailable, PoolNotFound, SessionFailed, StorageUnavailable
 from core.filters import Filter
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
@@ -21,6 +21,7 @@ from gateway.errors import (
     LoopDetected,
     NoUpstream,
     SessionLost,
+    StorageDown,
     UnknownPool,
     UpstreamError,
 )
@@ -156,6 +157,8 @@ class GatewayContext:
             pool = await self.manager.storage.get_pool(route.pool)
         except PoolNotFound:
             raise UnknownPool(route.pool) from None
+        except StorageUnavailable:
+            raise StorageDown() from None
         budget = self.retry_budget
         budget.request_started(route.pool)
         try:
@@ -223,6 +226,10 @@ class GatewayContext:
             raise NoUpstream(exc.reason) from None
         except SessionFailed as exc:
             raise SessionLost(exc.upstream_id) from None
+        except StorageUnavailable:
+            raise StorageDown() from None
+        # Giving back (put_back, report) never fails for want of storage: the lease manager
+        # keeps what the storage cannot take yet until it answers again.
         if reuse:
             kept = self.connections.borrow(lease.upstream, host, port)
             if kept is not None:
@@ -247,6 +254,11 @@ class GatewayContext:
                     # failed for good, as its pool says.
                     session_failed = pool.on_sticky_failure is StickyFailure.FAIL
                     await manager.unbind_session(lease, fail=session_failed)
+            except StorageUnavailable:
+                # The session stays on the failed upstream for now; the dial's failure is
+                # still the answer.
+                session_failed = False
+                log.info("session of lease %s not moved: the storage is unavailable", lease.id)
             finally:
                 await manager.put_back(lease)
             await manager.report(upstream_id, exc.outcome, None)

@@ -18,9 +18,15 @@ __all__ = [
     "NoUpstream",
     "ResponseTimeout",
     "SessionLost",
+    "StartupError",
+    "StorageDown",
     "UnknownPool",
     "UpstreamError",
 ]
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message says why (never with a password in it)."""
 
 
 class GatewayError(Exception):
@@ -97,6 +103,18 @@ class ResponseTimeout(GatewayError):
     status = 504
     proxy_error = "http_response_timeout"
     socks5_reply = 0x06
+
+
+class StorageDown(GatewayError):
+    """The storage database is unavailable: nothing can be leased until it is back. The
+    gateway recovers by itself; the client may retry."""
+
+    status = 503
+    proxy_error = "proxy_internal_error"
+    socks5_reply = 0x01
+
+    def __init__(self) -> None:
+        super().__init__("storage unavailable")
 
 
 class SessionLost(GatewayError):

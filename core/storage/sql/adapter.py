@@ -9,12 +9,19 @@ IMMEDIATE` and the busy timeout.
 
 A method that refuses with a core error (SessionFailed, NoUpstreamAvailable...) commits what it
 did before refusing, as the memory adapter keeps its changes; any other error rolls back.
+
+A database that goes away makes every method raise StorageUnavailable (a statement that hangs,
+after `statement_timeout`) until it is back; nothing needs reopening. Sweeps judge other holders
+dead only once this process has been in touch with the database for a whole `holder_grace`
+without a break: after an outage that every process shared (a database restart), the first
+sweep must not take the leases of holders that had no chance to beat yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from typing import Any, TypeVar
@@ -40,6 +47,10 @@ __all__ = ["SQLStorage", "SchemaOutOfDate", "StorageUnavailable"]
 log = logging.getLogger("proxygate.storage.sql")
 T = TypeVar("T")
 
+#: Seconds a PostgreSQL statement may go unanswered before it fails as StorageUnavailable; the
+#: hot paths take milliseconds, so only a database that stopped answering comes near it.
+STATEMENT_TIMEOUT = 10.0
+
 
 class SchemaOutOfDate(CoreError):
     """The database's schema is not the one this code needs: run `proxygate db upgrade`."""
@@ -59,11 +70,13 @@ class SQLStorage:
         max_overflow: int = 16,
         lanes: int = 8,
         check_schema: bool = True,
+        statement_timeout: float = STATEMENT_TIMEOUT,
     ) -> None:
         """`holder_grace`: seconds after a holder's last heartbeat before its leases are
         released by a sweep; `heartbeat_interval` should be a fraction of it. On PostgreSQL,
         `lanes` connections serve the single-statement hot paths and `pool_size` (plus up to
-        `max_overflow`) the transactions."""
+        `max_overflow`) the transactions, and a statement unanswered for `statement_timeout`
+        seconds fails as StorageUnavailable."""
         self.url = url
         self.schema = schema
         self.holder_grace = holder_grace
@@ -72,6 +85,11 @@ class SQLStorage:
         self._max_overflow = max_overflow
         self._lane_count = lanes
         self._check_schema = check_schema
+        self._statement_timeout = statement_timeout
+        # Monotonic times: since when this process has been in touch with the database without
+        # a break (None: out of touch now), and when it last was.
+        self._in_touch_since: float | None = None
+        self._last_touch = 0.0
         self._engine: AsyncEngine | None = None
         self._flavor = Flavor(postgres=not url.lower().startswith("sqlite"))
         self._fast: FastPaths | None = None
@@ -99,13 +117,15 @@ class SQLStorage:
             schema=self.schema,
             pool_size=self._pool_size + lanes,
             max_overflow=self._max_overflow,
+            command_timeout=self._statement_timeout,
         )
         if self._flavor.postgres:
-            self._lanes = Lanes(self._engine, lanes)
+            self._lanes = Lanes(self._engine, lanes, on_unavailable=self._lost_touch)
             self._fast = FastPaths(self._lanes, self._engine.dialect)
             await self._fast.warm_up()
         else:
             self._batcher = Batcher(self._engine)
+        self._touched()
         self._heartbeat = asyncio.create_task(self._beat_forever(), name="storage-heartbeat")
 
     async def close(self) -> None:
@@ -239,11 +259,14 @@ class SQLStorage:
 
     async def release_expired(self, now: float) -> list[Lease]:
         flavor, grace = self._flavor, self.holder_grace
+        since = self._in_touch_since
+        judging = since is not None and time.monotonic() - since >= grace
+        dead = holders.dead_holders(flavor, grace) if judging else holders.nobody()
 
         async def body(conn: AsyncConnection) -> list[Lease]:
             # This process is alive: say so before judging the others.
             await holders.beat(conn, flavor, self._holders)
-            expired = await leasing.expire(conn, now, holders.dead_holders(flavor, grace))
+            expired = await leasing.expire(conn, now, dead)
             await conn.execute(
                 parted_sessions.delete().where(
                     parted_sessions.c.until.is_not(None), parted_sessions.c.until <= now
@@ -299,14 +322,33 @@ class SQLStorage:
             raise RuntimeError("the storage is not open")
         try:
             if self._batcher is None:
-                return await _transaction(engine, body)
-            return await self._batcher.run(body)
-        except CoreError:
+                result = await _transaction(engine, body)
+            else:
+                result = await self._batcher.run(body)
+        except CoreError as error:
+            if isinstance(error, StorageUnavailable):
+                self._lost_touch()
+            else:
+                self._touched()
             raise
         except Exception as error:
             if is_unavailable(error):
+                self._lost_touch()
                 raise StorageUnavailable(f"storage database unavailable: {error}") from error
             raise
+        self._touched()
+        return result
+
+    def _touched(self) -> None:
+        now = time.monotonic()
+        # Silence longer than the grace counts as a break too (a stalled loop, a suspended
+        # host): others may have judged this process dead meanwhile, and it them.
+        if self._in_touch_since is None or now - self._last_touch > self.holder_grace:
+            self._in_touch_since = now
+        self._last_touch = now
+
+    def _lost_touch(self) -> None:
+        self._in_touch_since = None
 
     def _forget_pool(self, name: str) -> None:
         if self._fast is not None:
@@ -319,6 +361,9 @@ class SQLStorage:
                 continue
             try:
                 await self._tx(lambda conn: holders.beat(conn, self._flavor, self._holders))
+            except StorageUnavailable as error:
+                # The lease manager's sweeps say when the database goes and comes back.
+                log.debug("storage heartbeat failed: %s", error)
             except Exception:
                 log.warning(
                     "storage heartbeat failed; trying again in %gs",

@@ -2,18 +2,24 @@
 
 `postgresql://` (or `postgres://`) runs on asyncpg, `sqlite:///path.db` on aiosqlite. Engines are
 made by the adapter's `open()` and the migration functions, never at import.
+
+A PostgreSQL URL may carry libpq's `options` parameter with `-c name=value` settings, as psql
+takes it: `postgresql://gw@db/proxygate?options=-csearch_path%3Dfleet_a` keeps the tables in
+schema `fleet_a` (which must exist), so several fleets can share one database.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-__all__ = ["async_url", "is_sql_url", "make_engine"]
+__all__ = ["async_url", "is_sql_url", "make_engine", "server_settings"]
 
 _DRIVERS = {
     "postgresql": "postgresql+asyncpg",
@@ -32,7 +38,13 @@ def is_sql_url(url: str) -> bool:
 
 def async_url(url: str | URL) -> URL:
     """The SQLAlchemy URL with the async driver: `postgresql://` -> `postgresql+asyncpg://`."""
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (ValueError, ArgumentError):  # their messages may quote the URL, password and all
+        raise ValueError(
+            "not a valid URL: use postgresql://user:password@host:port/database "
+            "or sqlite:///path.db"
+        ) from None
     driver = _DRIVERS.get(parsed.drivername.lower())
     if driver is None:
         raise ValueError(
@@ -41,7 +53,36 @@ def async_url(url: str | URL) -> URL:
         )
     if driver.startswith("sqlite") and parsed.database in (None, "", ":memory:"):
         raise ValueError("sqlite storage needs a file: sqlite:///path.db")
+    if driver.startswith("postgresql"):
+        server_settings(parsed)  # a malformed `options` is refused here, not at first connect
+    elif "options" in parsed.query:
+        raise ValueError("the options parameter is for postgresql:// URLs")
     return parsed.set(drivername=driver)
+
+
+def server_settings(url: URL) -> dict[str, str]:
+    """The `-c name=value` settings of a PostgreSQL URL's libpq-style `options` parameter.
+
+    Grammar: whitespace-separated `-c name=value`, `-cname=value` or `--name=value`, e.g.
+    `options=-c search_path=fleet_a -c statement_timeout=5s` (URL-encoded in the URL).
+    """
+    text = url.query.get("options", "")
+    if not isinstance(text, str):
+        raise ValueError("the options parameter may be given once")
+    settings: dict[str, str] = {}
+    tokens = iter(text.split())
+    for token in tokens:
+        if token == "-c":
+            token = next(tokens, "")
+        elif token.startswith(("-c", "--")):
+            token = token[2:]
+        else:
+            token = ""
+        name, equals, value = token.partition("=")
+        if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+            raise ValueError("the options parameter takes only -c name=value settings")
+        settings[name] = value
+    return settings
 
 
 def make_engine(
@@ -51,16 +92,26 @@ def make_engine(
     pool_size: int = 16,
     max_overflow: int = 16,
     connect_timeout: float = 5.0,
+    command_timeout: float | None = None,
 ) -> AsyncEngine:
-    """An async engine for `url`; `schema` (PostgreSQL only) is put first on the search path."""
+    """An async engine for `url`; `schema` (PostgreSQL only) is put first on the search path
+    (over the URL's own). `command_timeout` (PostgreSQL only): seconds a statement may take
+    before it fails with TimeoutError (None: no limit, as migrations want)."""
     target = async_url(url)
     if target.drivername.startswith("sqlite"):
         return _sqlite_engine(target)
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
+    if command_timeout is not None:
+        # A database that stops answering (not one that refuses) would otherwise hold every
+        # caller until TCP gives up, minutes later.
+        connect_args["command_timeout"] = command_timeout
+    settings = server_settings(target)
     if schema is not None:
-        connect_args["server_settings"] = {"search_path": schema}
+        settings["search_path"] = schema
+    if settings:
+        connect_args["server_settings"] = settings
     return create_async_engine(
-        target,
+        target.difference_update_query(["options"]),
         pool_size=pool_size,
         max_overflow=max_overflow,
         connect_args=connect_args,

@@ -10,7 +10,6 @@ from core.errors import StorageUnavailable
 __all__ = ["StorageUnavailable", "is_unavailable"]
 
 
-
 #: Driver-level signs of a database that went away (asyncpg's own, and the socket's).
 _GONE = (
     OSError,

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, exists, select
+from sqlalchemy import Select, bindparam, delete, exists, false, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.storage.sql.statements import Flavor
 from core.storage.sql.tables import holders, leases
 
-__all__ = ["HOLDER_RETENTION", "beat", "dead_holders", "forget_dead"]
+__all__ = ["HOLDER_RETENTION", "beat", "dead_holders", "forget_dead", "nobody"]
 
 #: Seconds a dead holder's row is kept after its leases are gone (it may yet come back).
 HOLDER_RETENTION = 3600.0
@@ -38,6 +38,11 @@ async def beat(conn: AsyncConnection, flavor: Flavor, ids: Collection[str]) -> N
 def dead_holders(flavor: Flavor, grace: float) -> Select[Any]:
     """Ids of holders unseen for more than `grace` seconds."""
     return select(holders.c.id).where(holders.c.last_seen < flavor.clock() - grace)
+
+
+def nobody() -> Select[Any]:
+    """No holder: what a sweep judges dead while it cannot yet tell the dead from the silent."""
+    return select(holders.c.id).where(false())
 
 
 async def forget_dead(conn: AsyncConnection, flavor: Flavor, grace: float) -> None:

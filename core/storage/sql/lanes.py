@@ -9,6 +9,7 @@ the calls in flight and nothing after: new lanes are opened on demand.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -27,8 +28,12 @@ class _Lane:
 
 
 class Lanes:
-    def __init__(self, engine: AsyncEngine, size: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, size: int, *, on_unavailable: Callable[[], None] | None = None
+    ) -> None:
+        """`on_unavailable` is told each time the database is found gone."""
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._on_unavailable = on_unavailable
         self._free = asyncio.Semaphore(size)
         self._idle: list[_Lane] = []
         self._closed = False
@@ -46,7 +51,7 @@ class Lanes:
             await self._discard(lane)
             if isinstance(error, asyncio.CancelledError):
                 raise
-            raise StorageUnavailable(f"storage database unavailable: {error}") from error
+            raise self._unavailable(error) from error
         self._give_back(lane)
         return row
 
@@ -72,9 +77,14 @@ class Lanes:
         except BaseException as error:
             self._free.release()
             if is_unavailable(error):
-                raise StorageUnavailable(f"storage database unavailable: {error}") from error
+                raise self._unavailable(error) from error
             raise
         return _Lane(connection, raw.driver_connection)
+
+    def _unavailable(self, error: BaseException) -> StorageUnavailable:
+        if self._on_unavailable is not None:
+            self._on_unavailable()
+        return StorageUnavailable(f"storage database unavailable: {error}")
 
     def _give_back(self, lane: _Lane) -> None:
         self._free.release()
