@@ -1,46 +1,70 @@
-"""PostgreSQL's hot paths, each one statement in autocommit: one round trip per call.
+"""PostgreSQL's hot paths: single statements in autocommit, each carrying every call that came
+with it.
 
-- acquire (no session; no filter, or one that SQL decides alone): a data-modifying CTE picks
-  the upstream (`FOR UPDATE SKIP LOCKED`), bumps it and inserts the lease; the same statement
-  says whether the pool exists with the selector this process believes it has, and whether
-  any upstream could ever match, so that "all busy" costs one round trip too.
-- release: delete the lease and count it off its upstream.
-- renew: move the expiry of a held lease.
+- acquire (no session; no filter, or one that SQL decides alone): a data-modifying CTE picks as
+  many upstreams as there are callers (`FOR UPDATE SKIP LOCKED`), bumps them and inserts one
+  lease per caller; the same statement says whether the pool exists with the selector this
+  process believes it has, and whether any upstream could ever match, so that "all busy" costs
+  one round trip too.
+- release: delete the leases and count each off its upstream.
+- renew: move the expiry of a held lease (off the hot path of plain leases: one at a time).
 
-A single statement is atomic on its own, and the row locks it takes last until it ends. When a
-fast path cannot decide (a pool this process has not seen yet, or whose selector changed; a
-session lease parted from its session), it says so and the adapter runs the full transaction.
+Acquires of one pool, selector and filter made in the same event-loop turn go out as one
+statement, and so do releases (`batching.Coalescer`): with synchronous commit, waiting for the
+commit record to reach the disk is most of what a call costs, and one commit can carry every
+caller's work. A caller alone is not delayed. A statement is atomic: it does all its callers'
+work or none, and a failure reaches each of them as their own would have.
 
-The statements are SQLAlchemy Core, compiled once by the engine's dialect; they run on driver
-connections the engine lends for as long as the storage is open (`Lanes`), which spares each
-call the engine's per-execution machinery: most of the cost of a one-row statement.
+Locks: a release takes its leases in id order, then their upstreams in key order, the order
+every transaction that waits for locks here takes (leases before upstreams, each sorted), so
+batches cannot deadlock with each other or with the sweep; acquire never waits for a lock. A
+deadlock with anything else (a catalog change) is retried: the failed statement changed nothing.
+
+When a fast path cannot decide (a pool this process has not seen yet, or whose selector
+changed; a session lease parted from its session), it says so and the adapter runs the full
+transaction. The statements are SQLAlchemy Core, compiled once by the engine's dialect; they
+run on driver connections the engine lends for as long as the storage is open (`Lanes`),
+which spares each call the engine's per-execution machinery.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import asyncio
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, Literal, NamedTuple
 
+from asyncpg.exceptions import DeadlockDetectedError
 from sqlalchemy import (
+    BigInteger,
     Float,
+    Integer,
     Select,
     Text,
+    any_,
     bindparam,
+    column,
     delete,
     exists,
     false,
+    func,
     literal,
     null,
     or_,
     select,
     true,
+    tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from core.errors import NoUpstreamAvailable
+from core.filters import Filter
 from core.models import Lease, LeaseRequest, Pool, Selector
+from core.storage.sql.batching import Coalescer
 from core.storage.sql.filters import to_sql
 from core.storage.sql.lanes import Lanes
 from core.storage.sql.rows import upstream_from_row
@@ -52,7 +76,7 @@ __all__ = ["Compiled", "FastPaths"]
 u = upstreams.c
 _POSTGRES = Flavor(postgres=True)
 #: Parameters the fast statements take from their callers are named `p_...`; SQLAlchemy's own
-#: (a LIMIT's value, say) keep the value they were compiled with.
+#: (a literal's value, say) keep the value they were compiled with.
 _EXPIRES = bindparam("p_expires", type_=Float)
 _GRANTED_COLUMNS = [
     "upstream_key",
@@ -66,6 +90,15 @@ _GRANTED_COLUMNS = [
     "idle_ttl",
     "uses",
 ]
+_UPSTREAM_COLUMNS = tuple(column.name for column in upstreams.c)
+#: Callers served by one statement at most; more wait for the next.
+MAX_BATCH = 64
+#: Statements of one kind out at once: the next batch gathers while one is out.
+IN_FLIGHT = 1
+#: Times a statement that lost a deadlock is tried again.
+DEADLOCK_RETRIES = 3
+#: Distinct filters whose statements and batches are kept.
+_KEPT_FILTERS = 256
 
 
 class Compiled:
@@ -90,18 +123,40 @@ class Compiled:
 
 
 def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> Select[Any]:
-    """Pick, bump and lease in one statement (parameters p_pool, p_selector, p_consumer,
-    p_holder, p_now, p_expires)."""
+    """Pick, bump and lease for every caller in one statement (parameters p_pool, p_selector,
+    p_count, and one array each of p_consumers, p_holders, p_nows, p_expires).
+
+    Callers are served in their order, as many as there are upstreams free; the leases come
+    back as one array per column, in the callers' order."""
     pool = bindparam("p_pool", type_=Text)
     guard = exists().where(pools.c.name == pool)
     if guarded:  # the pool's own selector: check this process still has it right
         guard = guard.where(pools.c.selector == bindparam("p_selector"))
-    pick = (
-        pick_select(pool, selector, _POSTGRES, filtered, 1)
+    asks = (
+        func.unnest(
+            bindparam("p_consumers", type_=ARRAY(Text)),
+            bindparam("p_holders", type_=ARRAY(Text)),
+            bindparam("p_nows", type_=ARRAY(Float)),
+            bindparam("p_expires", type_=ARRAY(Float)),
+        )
+        .table_valued(
+            column("consumer", Text),
+            column("holder", Text),
+            column("now", Float),
+            column("expires_at", Float),
+            with_ordinality="n",
+        )
+        .render_derived(name="asks")
+    )
+    count = bindparam("p_count", type_=Integer)
+    chosen = (
+        pick_select(pool, selector, _POSTGRES, filtered, count)
         .with_only_columns(u.key)
         .where(guard)
-        .cte("pick")
+        .subquery("chosen")
     )
+    # Numbered after the lock: a window function cannot share a level with FOR UPDATE.
+    pick = select(chosen.c.key, func.row_number().over().label("n")).cte("pick")
     bump = (
         update(upstreams)
         .where(u.key == pick.c.key)
@@ -110,7 +165,7 @@ def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> S
             total_leases=u.total_leases + 1,
             last_leased=LEASE_TICK.next_value(),
         )
-        .returning(*upstreams.c)
+        .returning(*upstreams.c, pick.c.n)
         .cte("bump")
     )
     granted = (
@@ -120,29 +175,39 @@ def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> S
             select(
                 bump.c.key,
                 pool,
-                bindparam("p_consumer"),
+                asks.c.consumer,
                 null(),
                 false(),
-                bindparam("p_now", type_=Float),
-                _EXPIRES,
-                bindparam("p_holder"),
+                asks.c.now,
+                asks.c.expires_at,
+                asks.c.holder,
                 null(),
                 literal(1),
-            ),
+            ).join_from(bump, asks, asks.c.n == bump.c.n),
         )
         .returning(leases.c.id, leases.c.upstream_key)
         .cte("granted")
     )
-    matched = select(bump, granted.c.id.label("lease_id")).join_from(
-        bump, granted, granted.c.upstream_key == bump.c.key
+    lease = (
+        select(bump, granted.c.id.label("lease_id"))
+        .join_from(bump, granted, granted.c.upstream_key == bump.c.key)
+        .subquery("lease")
     )
     could = exists().where(u.pool == pool, u.status == ACTIVE, LIVE)
     if filtered is not None:
         could = could.where(filtered)
     flags = select(guard.label("pool_ok"), could.label("could_match")).subquery("flags")
-    lease = matched.subquery("lease")
-    # One row always: the flags, and the lease's columns (NULL when nothing was granted).
-    return select(flags, lease).select_from(flags.outerjoin(lease, true()))
+    # The leases as one array of (n, lease id, upstream columns...) rows: one aggregate, not
+    # one per column.
+    rows = func.array_agg(
+        tuple_(lease.c.n, lease.c.lease_id, *(lease.c[name] for name in _UPSTREAM_COLUMNS))
+    ).filter(lease.c.lease_id.is_not(None))
+    # One row always: the flags, and the leases (NULL when nothing was granted).
+    return (
+        select(flags.c.pool_ok, flags.c.could_match, rows.label("granted"))
+        .select_from(flags.outerjoin(lease, true()))
+        .group_by(flags.c.pool_ok, flags.c.could_match)
+    )
 
 
 _gone = (
@@ -151,12 +216,53 @@ _gone = (
     .returning(leases.c.upstream_key)
     .cte("gone")
 )
-_RELEASE = (
+#: One lease (`p_lease`): what a caller alone sends, cheaper than the batch's sorting locks.
+_RELEASE_ONE = (
     update(upstreams)
     .where(u.key == _gone.c.upstream_key)
     .values(active=u.active - 1)
     .returning(u.key)
 )
+
+
+def _release_statement() -> Select[Any]:
+    """Delete the leases `p_leases` and count each off its upstream; the ids deleted."""
+    doomed = (
+        select(leases.c.id)
+        .where(leases.c.id == any_(bindparam("p_leases", type_=ARRAY(BigInteger))))
+        .order_by(leases.c.id)
+        .with_for_update()
+        .cte("doomed")
+    )
+    gone = (
+        delete(leases)
+        .where(leases.c.id == doomed.c.id)
+        .returning(leases.c.id, leases.c.upstream_key)
+        .cte("gone")
+    )
+    counts = (
+        select(gone.c.upstream_key, func.count().label("n"))
+        .group_by(gone.c.upstream_key)
+        .cte("counts")
+    )
+    locked = (
+        select(u.key, counts.c.n)
+        .join_from(upstreams, counts, u.key == counts.c.upstream_key)
+        .order_by(u.key)
+        .with_for_update(of=upstreams)
+        .cte("locked")
+    )
+    counted = (
+        update(upstreams)
+        .where(u.key == locked.c.key)
+        .values(active=u.active - locked.c.n)
+        .returning(u.key)
+        .cte("counted")
+    )
+    # A data-modifying CTE runs to completion whether or not the outer query reads it.
+    return select(func.array_agg(gone.c.id).label("released")).add_cte(counted)
+
+
 _RENEW = (
     update(leases)
     .where(
@@ -170,35 +276,54 @@ _RENEW = (
 )
 
 
+class _Verdict(Enum):
+    """What an acquire that got no lease tells its caller."""
+
+    BUSY = "every match is leased to its limit, or locked by another acquire"
+    UNDECIDED = "the full transaction must decide"
+    NO_MATCH = "no active upstream matches the filters"
+
+
+class _Ask(NamedTuple):
+    pool: str
+    consumer: str
+    holder: str
+    now: float
+    expires_at: float | None
+
+
+_Outcome = Lease | _Verdict
+_AcquireKey = tuple[str, Selector, bool, Filter | None]
+
+
 class FastPaths:
     def __init__(self, lanes: Lanes, dialect: Dialect) -> None:
         self._lanes = lanes
         self._dialect = dialect
         #: Each pool's selector as this process last read it (the statement checks it).
         self._selectors: dict[str, Selector] = {}
-        self._acquires: dict[tuple[Selector, bool], Compiled] = {}
-        self._release = Compiled(_RELEASE, dialect)
+        self._statements: dict[tuple[Selector, bool, Filter | None], Compiled] = {}
+        self._acquirers: dict[_AcquireKey, Coalescer[_Ask, _Outcome]] = {}
+        self._releaser: Coalescer[int, bool] = Coalescer(
+            self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH
+        )
+        self._release = Compiled(_release_statement(), dialect)
+        self._release_one = Compiled(_RELEASE_ONE, dialect)
         self._renew = Compiled(_RENEW, dialect)
+        # Releases of leases granted to callers who had stopped waiting.
+        self._orphans: set[asyncio.Task[bool]] = set()
 
     async def warm_up(self) -> None:
         """Open a lane and prepare the statements every gateway runs (round robin, release,
         renew) on it, so the first requests do not pay for connecting and planning."""
-        statement = self._acquire_for(Selector.ROUND_ROBIN, guarded=True)
-        nowhere = {"p_pool": "", "p_selector": "", "p_consumer": "", "p_holder": ""}
-        await self._lanes.fetchrow(
-            statement.sql, statement.args(nowhere | {"p_now": 0.0, "p_expires": None})
-        )
-        await self.release(0)
+        statement = self._statement(Selector.ROUND_ROBIN, True, None)
+        nobody: dict[str, Any] = {"p_pool": "", "p_selector": "", "p_count": 0}
+        for name in ("p_consumers", "p_holders", "p_nows", "p_expires"):
+            nobody[name] = []
+        await self._fetch(statement, nobody)
+        await self._release_batch([])
+        await self._release_batch([0])
         await self.renew(0, None)
-
-    def _acquire_for(self, selector: Selector, *, guarded: bool) -> Compiled:
-        statement = self._acquires.get((selector, guarded))
-        if statement is None:
-            statement = Compiled(
-                _acquire_statement(selector, guarded=guarded, filtered=None), self._dialect
-            )
-            self._acquires[(selector, guarded)] = statement
-        return statement
 
     def handles(self, request: LeaseRequest) -> bool:
         return request.session is None
@@ -217,55 +342,142 @@ class FastPaths:
         selector = request.selector or self._selectors.get(request.pool)
         if selector is None:
             return False
-        if request.filters is None:
-            statement = self._acquire_for(selector, guarded=guarded)
-        else:
-            sql = to_sql(request.filters)
-            if not sql.exact:
-                return False
-            statement = Compiled(
-                _acquire_statement(selector, guarded=guarded, filtered=sql.clause), self._dialect
-            )
+        filters = request.filters
+        if filters is not None and not to_sql(filters).exact:
+            return False
+        key = (request.pool, selector, guarded, filters)
+        acquirer = self._acquirers.get(key)
+        if acquirer is None:
+            acquirer = self._acquirer(key)
         expires_at = None if request.duration is None else now + request.duration
-        params = {
-            "p_pool": request.pool,
-            "p_selector": selector.value,
-            "p_consumer": request.consumer,
-            "p_holder": holder,
-            "p_now": now,
-            "p_expires": expires_at,
-        }
-        row = await self._lanes.fetchrow(statement.sql, statement.args(params))
-        assert row is not None  # the statement always returns its flags row
-        if row["lease_id"] is None:
-            if not row["pool_ok"]:
-                return False
-            if not row["could_match"]:
-                if request.filters is None:
-                    return False  # the full path tells "ejected" from "no upstreams"
-                raise NoUpstreamAvailable(
-                    request.pool, waited=0.0, reason="no active upstream matches the filters"
-                )
+        outcome = await acquirer.call(_Ask(request.pool, request.consumer, holder, now, expires_at))
+        if isinstance(outcome, Lease):
+            return outcome
+        if outcome is _Verdict.BUSY:
             return None
-        return Lease(
-            str(row["lease_id"]),
-            upstream_from_row(row),
-            request.pool,
-            request.consumer,
-            None,
-            now,
-            expires_at,
-            holder,
-        )
+        if outcome is _Verdict.NO_MATCH:
+            raise NoUpstreamAvailable(request.pool, waited=0.0, reason=outcome.value)
+        return False
 
     async def release(self, lease_id: int) -> bool:
-        statement = self._release
-        row = await self._lanes.fetchrow(statement.sql, statement.args({"p_lease": lease_id}))
-        return row is not None
+        return await self._releaser.call(lease_id)
 
     async def renew(self, lease_id: int, expires_at: float | None) -> bool | None:
         """True if renewed; None when the full transaction must decide."""
-        statement = self._renew
         params = {"p_lease": lease_id, "p_expires": expires_at}
-        row = await self._lanes.fetchrow(statement.sql, statement.args(params))
+        row = await self._fetch(self._renew, params)
         return True if row is not None else None
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def _acquirer(self, key: _AcquireKey) -> Coalescer[_Ask, _Outcome]:
+        if len(self._acquirers) >= _KEPT_FILTERS:
+            # Many pools or filters seen: keep the batches in use, forget the idle ones.
+            self._acquirers = {k: c for k, c in self._acquirers.items() if c.busy}
+            self._statements.clear()
+        _, selector, guarded, filters = key
+
+        async def run(asks: Sequence[_Ask]) -> list[_Outcome]:
+            statement = self._statement(selector, guarded, filters)
+            return await self._acquire_batch(statement, selector, filters, asks)
+
+        acquirer = Coalescer(run, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, orphan=self._disown)
+        self._acquirers[key] = acquirer
+        return acquirer
+
+    def _statement(self, selector: Selector, guarded: bool, filters: Filter | None) -> Compiled:
+        key = (selector, guarded, filters)
+        statement = self._statements.get(key)
+        if statement is None:
+            clause = None if filters is None else to_sql(filters).clause
+            statement = Compiled(
+                _acquire_statement(selector, guarded=guarded, filtered=clause), self._dialect
+            )
+            self._statements[key] = statement
+        return statement
+
+    async def _acquire_batch(
+        self,
+        statement: Compiled,
+        selector: Selector,
+        filters: Filter | None,
+        asks: Sequence[_Ask],
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        pending = list(asks)
+        while pending:
+            params = {
+                "p_pool": pending[0].pool,
+                "p_selector": selector.value,
+                "p_count": len(pending),
+                "p_consumers": [ask.consumer for ask in pending],
+                "p_holders": [ask.holder for ask in pending],
+                "p_nows": [ask.now for ask in pending],
+                "p_expires": [ask.expires_at for ask in pending],
+            }
+            row = await self._fetch(statement, params)
+            assert row is not None  # the statement always returns its flags row
+            granted = row["granted"]
+            if not granted:
+                outcomes.extend([_empty_verdict(row, filters)] * len(pending))
+                break
+            # The callers numbered 1..len(granted) are served (in no particular order in the
+            # array); when fewer upstreams were free than callers asked (or the pool is
+            # smaller than the batch), the others try again at once, first in line.
+            served: list[Lease | None] = [None] * len(granted)
+            for n, lease_id, *columns in granted:
+                ask = pending[n - 1]
+                upstream = upstream_from_row(dict(zip(_UPSTREAM_COLUMNS, columns, strict=True)))
+                served[n - 1] = Lease(
+                    str(lease_id),
+                    upstream,
+                    ask.pool,
+                    ask.consumer,
+                    None,
+                    ask.now,
+                    ask.expires_at,
+                    ask.holder,
+                )
+            outcomes.extend(lease for lease in served if lease is not None)
+            pending = pending[len(granted) :]
+        return outcomes
+
+    async def _release_batch(self, lease_ids: Sequence[int]) -> list[bool]:
+        if len(lease_ids) == 1:
+            one = await self._fetch(self._release_one, {"p_lease": lease_ids[0]})
+            return [one is not None]
+        row = await self._fetch(self._release, {"p_leases": list(lease_ids)})
+        released = set(row["released"] or ()) if row is not None else set()
+        answers = []
+        for lease_id in lease_ids:
+            answers.append(lease_id in released)
+            released.discard(lease_id)  # the same lease twice in a batch: released once
+        return answers
+
+    def _disown(self, outcome: _Outcome) -> None:
+        if isinstance(outcome, Lease):
+            task = asyncio.get_running_loop().create_task(
+                self.release(int(outcome.id)), name="sql-release-orphan"
+            )
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+
+    async def _fetch(self, statement: Compiled, params: dict[str, Any]) -> Any:
+        args = statement.args(params)
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                return await self._lanes.fetchrow(statement.sql, args)
+            except DeadlockDetectedError:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _empty_verdict(row: Any, filters: Filter | None) -> _Verdict:
+    """Why a statement granted nothing."""
+    if not row["pool_ok"]:
+        return _Verdict.UNDECIDED
+    if not row["could_match"]:
+        # Unfiltered, the full path tells "ejected" from "no upstreams".
+        return _Verdict.UNDECIDED if filters is None else _Verdict.NO_MATCH
+    return _Verdict.BUSY

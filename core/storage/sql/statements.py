@@ -107,7 +107,7 @@ def pick_select(
     selector: Selector,
     flavor: Flavor,
     clause: ColumnElement[bool] | None,
-    limit: int,
+    limit: int | ColumnElement[int],
 ) -> Select[Any]:
     """The upstreams a selector would lease next, locked (PostgreSQL skips rows other
     transactions hold: they are being leased right now)."""
