@@ -49,12 +49,9 @@ PATH = (
 )
 
 
-def build_manager(pool_size: int) -> ProxyManager:
-    """A fresh store with one pool of `pool_size` active, unlimited proxies."""
-    storage = InMemoryStorage()
-    pool = ProxyPool(name=POOL)
-    storage.add_pool(pool)
-    proxies = [
+def proxies(pool: ProxyPool, size: int) -> list[Proxy]:
+    """`size` active proxies with no concurrency limit, in `pool` (also `_pharox_sql`'s)."""
+    return [
         Proxy(
             host=f"10.0.{i // 250}.{i % 250 + 1}",
             port=8080,
@@ -62,9 +59,16 @@ def build_manager(pool_size: int) -> ProxyManager:
             pool_id=pool.id,
             status=ProxyStatus.ACTIVE,
         )
-        for i in range(pool_size)
+        for i in range(size)
     ]
-    storage.add_proxies_bulk(proxies)
+
+
+def build_manager(pool_size: int) -> ProxyManager:
+    """A fresh store with one pool of `pool_size` active, unlimited proxies."""
+    storage = InMemoryStorage()
+    pool = ProxyPool(name=POOL)
+    storage.add_pool(pool)
+    storage.add_proxies_bulk(proxies(pool, pool_size))
     return ProxyManager(storage)
 
 

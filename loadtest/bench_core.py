@@ -33,6 +33,10 @@ Nothing connects anywhere: upstream URLs are only data.
 
 The last line printed is the summary:
 `core: proxygate N pairs/s, pharox M pairs/s, ratio R; 100k/100 pool cost ratio C; drift D`.
+
+`--storage URL` runs the SQL section instead (see `loadtest/_bench_sql.py`): acquire+release
+on PostgreSQL or SQLite at 1 and 16 tasks, beside pharox's PostgreSQL adapters; its last line
+is `sql: proxygate N pairs/s, pharox M pairs/s, ratio R (postgres, 16 tasks)`.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ HERE = Path(__file__).resolve().parent
 BENCH_VENV = HERE / ".bench-venv"
 PHAROX_SCRIPT = HERE / "_pharox_core.py"
 PHAROX_REQUIREMENTS = ("pharox==0.11.0", "uvloop")
+#: What `--storage` needs beside: pharox's PostgreSQL adapters and their drivers.
+PHAROX_SQL_REQUIREMENTS = ("pharox[postgres,async]==0.11.0", "uvloop")
+PHAROX_SQL_MODULES = ("psycopg", "asyncpg", "sqlalchemy", "greenlet")
 PHAROX_VERSION = "0.11.0"
 
 #: Below this share of CPU over wall time, other processes took the CPU during a timed run.
@@ -424,10 +431,12 @@ def isolated_env() -> dict[str, str]:
     return env
 
 
-def has_pharox(python: Path) -> bool:
+def has_pharox(python: Path, modules: Sequence[str] = ()) -> bool:
+    """pharox (and uvloop, and `modules`) importable by the bench venv's `python`."""
     if not python.exists():
         return False
-    probe = "import uvloop; from importlib.metadata import version; print(version('pharox'))"
+    imports = "".join(f"import {name}; " for name in ("uvloop", *modules))
+    probe = imports + "from importlib.metadata import version; print(version('pharox'))"
     done = subprocess.run(
         [str(python), "-c", probe],
         capture_output=True,
@@ -444,14 +453,17 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def ensure_bench_venv() -> tuple[Path | None, str]:
-    """The bench venv's python with pharox installed, or None and why not."""
+def ensure_bench_venv(
+    requirements: Sequence[str] = PHAROX_REQUIREMENTS, modules: Sequence[str] = ()
+) -> tuple[Path | None, str]:
+    """The bench venv's python with `requirements` installed (checked by importing pharox,
+    uvloop and `modules`), or None and why not."""
     python = bench_python()
-    if has_pharox(python):
+    if has_pharox(python, modules):
         return python, f"found in {shown(BENCH_VENV)}"
-    say(f"[pharox] creating {shown(BENCH_VENV)} and installing {' '.join(PHAROX_REQUIREMENTS)}")
+    say(f"[pharox] creating {shown(BENCH_VENV)} and installing {' '.join(requirements)}")
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    pip += ["--retries", "2", "--timeout", "20", *PHAROX_REQUIREMENTS]
+    pip += ["--retries", "2", "--timeout", "20", *requirements]
     try:
         if not python.exists():
             subprocess.run(
@@ -472,7 +484,7 @@ def ensure_bench_venv() -> tuple[Path | None, str]:
         return None, f"{' '.join(map(str, exc.cmd[1:4]))} timed out after {exc.timeout:g} s"
     except OSError as exc:
         return None, f"could not create the bench venv: {exc}"
-    if not has_pharox(python):
+    if not has_pharox(python, modules):
         return None, f"pharox {PHAROX_VERSION} is still not importable after pip install"
     return python, f"installed into {shown(BENCH_VENV)}"
 
@@ -495,6 +507,11 @@ def measure_pharox(python: Path, plan: Plan) -> tuple[dict[str, Any] | None, str
         str(TASKS),
     ]
     gc.collect()
+    return run_pharox(command, timeout=120 + 6 * plan.pharox_seconds)
+
+
+def run_pharox(command: list[str], timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Run a pharox script in the bench venv: the JSON it printed last, or None and why not."""
     try:
         done = subprocess.run(
             command,
@@ -502,7 +519,7 @@ def measure_pharox(python: Path, plan: Plan) -> tuple[dict[str, Any] | None, str
             text=True,
             env=isolated_env(),
             check=False,
-            timeout=120 + 6 * plan.pharox_seconds,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
         return None, f"the pharox run timed out after {exc.timeout:g} s"
@@ -737,6 +754,22 @@ def report_targets(summary: dict[str, Any]) -> None:
         )
 
 
+def write_figures(
+    path: Path, args: argparse.Namespace, loop_name: str, plan: Any, figures: dict[str, Any]
+) -> None:
+    """Every figure of a run as JSON at `path`, after what the run was."""
+    document = {
+        "mode": "quick" if args.quick else "full",
+        "python": platform.python_version(),
+        "loop": loop_name,
+        "plan": asdict(plan),
+        **figures,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    say(f"figures written to {path}")
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -746,11 +779,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure here")
+    parser.add_argument(
+        "--storage",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="instead of the memory benchmark, acquire+release on this SQL storage "
+        "(postgresql://host:port/db, or sqlite:/// for a temporary file); repeatable or a "
+        "comma list; each case on a schema or file of its own, dropped afterwards",
+    )
+    parser.add_argument(
+        "--no-peer", action="store_true", help="with --storage: leave pharox out (no bench venv)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        metavar="S",
+        help="with --storage: length of each timed case (default 5, 1 with --quick)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.storage:
+        from loadtest import _bench_sql  # the SQL section only: no memory figures are taken
+
+        return _bench_sql.main(args)
     plan = QUICK if args.quick else FULL
     factory, loop_name = loop_factory()
     started = time.perf_counter()
@@ -788,19 +843,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.json is not None:
         figures = {
-            "mode": "quick" if args.quick else "full",
-            "python": platform.python_version(),
-            "loop": loop_name,
-            "plan": asdict(plan),
             "proxygate": ours,
             "pharox": pharox if pharox is not None else {"measured": False, "reason": why_not},
             "summary": summary,
             "summary_line": summary_line(summary),
             "elapsed_seconds": elapsed,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
-        say(f"figures written to {args.json}")
+        write_figures(args.json, args, loop_name, plan, figures)
     say(summary_line(summary))
     return 0
 
