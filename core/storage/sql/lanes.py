@@ -2,7 +2,8 @@
 
 A lane is an engine connection checked out once and kept (in autocommit: single statements need
 no transaction), whose asyncpg connection runs prepared statements directly. A lane whose
-connection fails or whose statement is cancelled is invalidated, so a database restart costs
+connection fails or whose statement is cancelled is invalidated, and a database found gone
+invalidates the idle lanes too (they were opened before it went), so a database restart costs
 the calls in flight and nothing after: new lanes are opened on demand.
 """
 
@@ -51,6 +52,9 @@ class Lanes:
             await self._discard(lane)
             if isinstance(error, asyncio.CancelledError):
                 raise
+            idle, self._idle = self._idle, []
+            for stale in idle:
+                await _close(stale, invalidate=True)
             raise self._unavailable(error) from error
         self._give_back(lane)
         return row
