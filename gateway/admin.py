@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 
 from aiohttp import web
@@ -12,13 +13,20 @@ from core.leasing import LeaseManager
 
 __all__ = ["build_admin_app"]
 
+GatewayStats = Callable[[], Mapping[str, object]]
 MANAGER = web.AppKey("manager", LeaseManager)
+GATEWAY_STATS: web.AppKey[GatewayStats] = web.AppKey("gateway_stats")
 
 
-def build_admin_app(manager: LeaseManager, *, token: str | None) -> web.Application:
+def build_admin_app(
+    manager: LeaseManager, *, token: str | None, gateway_stats: GatewayStats | None = None
+) -> web.Application:
+    """`gateway_stats` adds this process's own figures (kept connections, retry budget) to
+    `/api/stats` beside the pools'."""
     middlewares: list[Middleware] = [_bearer_auth(token)] if token else []
     app = web.Application(middlewares=middlewares)
     app[MANAGER] = manager
+    app[GATEWAY_STATS] = gateway_stats or dict
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/stats", _stats)
     return app
@@ -36,7 +44,7 @@ async def _stats(request: web.Request) -> web.Response:
         stats = asdict(await manager.storage.stats(pool.name, now))
         stats["waiting"] = manager.waiting(pool.name)
         pools[pool.name] = stats
-    return web.json_response({"pools": pools})
+    return web.json_response({"pools": pools, **request.app[GATEWAY_STATS]()})
 
 
 def _bearer_auth(token: str) -> Middleware:

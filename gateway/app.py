@@ -105,7 +105,8 @@ class Gateway:
         admin = self.settings.admin
         if admin.listen is not None and self._serve_admin:
             self._admin = web.AppRunner(
-                build_admin_app(self.manager, token=admin.token), access_log=None
+                build_admin_app(self.manager, token=admin.token, gateway_stats=self._stats),
+                access_log=None,
             )
             await self._admin.setup()
             site = web.TCPSite(self._admin, admin.listen.host, admin.listen.port)
@@ -199,6 +200,9 @@ class Gateway:
             except CatalogError:
                 if retry:
                     raise
+
+    def _stats(self) -> dict[str, object]:
+        return {} if self._context is None else self._context.stats()
 
     def serve(self, channel: Channel, pool: str | None) -> None:
         if self._context is None:  # accepted during shutdown

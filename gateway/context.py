@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from config import GatewaySettings, Users
 from core.errors import NoUpstreamAvailable, PoolNotFound, SessionFailed, StorageUnavailable
@@ -82,6 +82,14 @@ class GatewayContext:
             )
         )
 
+    def stats(self) -> dict[str, object]:
+        """This process's own figures, for the admin API."""
+        budget = self.retry_budget
+        return {
+            "upstream_connections": asdict(self.connections.stats),
+            "retry_budget": {"peak": budget.peak, "denied": budget.denied},
+        }
+
     def begin_drain(self) -> None:
         self.draining = True
         for client in list(self.idle_clients):
@@ -153,38 +161,27 @@ class GatewayContext:
         pool's retry budget allows. With `reuse` (plain HTTP requests only) a kept connection
         to the leased upstream is lent when there is one. Every success must be followed by
         `give_back`."""
-        try:
-            pool = await self.manager.storage.get_pool(route.pool)
-        except PoolNotFound:
-            raise UnknownPool(route.pool) from None
-        except StorageUnavailable:
-            raise StorageDown() from None
         budget = self.retry_budget
         budget.request_started(route.pool)
         try:
-            return await self._attempts(route, pool, host, port, tunnel, set(avoid), reuse)
+            return await self._attempts(route, host, port, tunnel, set(avoid), reuse)
         except BaseException:
             budget.request_ended(route.pool)
             raise
 
     async def _attempts(
-        self,
-        route: Route,
-        pool: Pool,
-        host: str,
-        port: int,
-        tunnel: bool,
-        tried: set[str],
-        reuse: bool,
+        self, route: Route, host: str, port: int, tunnel: bool, tried: set[str], reuse: bool
     ) -> Leased:
         budget = self.retry_budget
         last_error: UpstreamError | None = None
-        for attempt in range(pool.retries + 1):
+        retries = 0  # known once an attempt failed: most requests never need the pool's record
+        attempt = 0
+        while True:
             if last_error is not None and not budget.try_retry(route.pool):
                 log.info("pool %s: retry budget spent, not retrying", route.pool)
                 raise last_error
             try:
-                return await self._attempt(route, pool, host, port, tunnel, tried, reuse)
+                return await self._attempt(route, host, port, tunnel, tried, reuse)
             except NoUpstream:
                 if last_error is not None:
                     raise last_error from None  # every upstream left has been tried
@@ -193,21 +190,25 @@ class GatewayContext:
                 if not exc.retryable:
                     raise
                 last_error = exc
+                if attempt == 0:
+                    retries = (await self._pool(route.pool)).retries
             finally:
                 if attempt:
                     budget.retry_ended(route.pool)
-        assert last_error is not None
-        raise last_error
+            attempt += 1
+            if attempt > retries:
+                raise last_error
+
+    async def _pool(self, name: str) -> Pool:
+        try:
+            return await self.manager.storage.get_pool(name)
+        except PoolNotFound:
+            raise UnknownPool(name) from None
+        except StorageUnavailable:
+            raise StorageDown() from None
 
     async def _attempt(
-        self,
-        route: Route,
-        pool: Pool,
-        host: str,
-        port: int,
-        tunnel: bool,
-        tried: set[str],
-        reuse: bool,
+        self, route: Route, host: str, port: int, tunnel: bool, tried: set[str], reuse: bool
     ) -> Leased:
         """One lease and dial; a failed dial's upstream joins `tried`."""
         manager = self.manager
@@ -252,6 +253,7 @@ class GatewayContext:
                 if lease.session is not None and exc.outcome.counts_against_upstream:
                     # The session leaves the failed upstream: bound anew on the retry, or
                     # failed for good, as its pool says.
+                    pool = await manager.storage.get_pool(route.pool)
                     session_failed = pool.on_sticky_failure is StickyFailure.FAIL
                     await manager.unbind_session(lease, fail=session_failed)
             except StorageUnavailable:

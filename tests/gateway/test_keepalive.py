@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
+import aiohttp
 import pytest
 
 from core.models import Upstream
@@ -189,3 +190,20 @@ async def test_stopping_the_gateway_closes_kept_connections(
             break
         await asyncio.sleep(0.02)
     assert not any(u.live for u in sim_upstreams)
+
+
+async def test_the_admin_api_reports_kept_connections(
+    start_gateway: StartGateway, origin: Origin
+) -> None:
+    gateway = await start_gateway(pool_toml("direct://"))
+    assert await get_all(gateway, origin.url_for("/echo"), 3) == [200] * 3
+    assert gateway.admin_address is not None
+    host, port = gateway.admin_address
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{host}:{port}/api/stats") as response,
+    ):
+        body = await response.json()
+    assert body["upstream_connections"] == stats(gateway)
+    assert (body["upstream_connections"]["reused"], body["upstream_connections"]["idle"]) == (2, 1)
+    assert body["retry_budget"] == {"peak": 0, "denied": 0}

@@ -71,6 +71,7 @@ class Lanes:
         await self._free.acquire()
         if self._idle:
             return self._idle.pop()
+        connection: AsyncConnection | None = None
         try:
             connection = await self._engine.connect()
             raw = await connection.get_raw_connection()
@@ -80,6 +81,10 @@ class Lanes:
             await raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
         except BaseException as error:
             self._free.release()
+            if connection is not None:
+                # A pooled connection from before an outage: checked out, it must go back
+                # (invalidated) or the pool loses it.
+                await _close(_Lane(connection, None), invalidate=True)
             if is_unavailable(error):
                 raise self._unavailable(error) from error
             raise
