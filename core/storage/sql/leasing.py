@@ -11,15 +11,16 @@ import dataclasses
 import json
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Select, Update, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import NoUpstreamAvailable, SessionFailed
 from core.filters import Filter
-from core.models import HealthStatus, Lease, LeaseRequest, Pool, StickyFailure
+from core.models import HealthStatus, Lease, LeaseRequest, Pool, Selector, StickyFailure
 from core.storage.sql.filters import to_sql
 from core.storage.sql.rows import decode_pool, lease_from_row, upstream_from_row
 from core.storage.sql.statements import (
@@ -62,10 +63,38 @@ class Parted(NamedTuple):
     until: float | None
 
 
+# The statements every lease runs are built once, with bound parameters: building a Core
+# statement and its cache key costs more than SQLite takes to run it, and a statement object
+# used again keeps its cache key.
+_LOAD_POOL = select(pools.c.name, pools.c.settings).where(pools.c.name == bindparam("name"))
+_DROP = delete(leases).where(leases.c.id == bindparam("id")).returning(leases.c.upstream_key)
+_UNCOUNT = update(upstreams).where(u.key == bindparam("b_key")).values(active=u.active - 1)
+_RECORD = leases.insert().returning(leases.c.id)
+
+
+@cache
+def _count_statement(flavor: Flavor) -> Update:
+    """Count a grant on the upstream `b_key` of pool `b_pool` (an UPDATE's parameters may not
+    be named after its table's columns)."""
+    return (
+        update(upstreams)
+        .where(u.key == bindparam("b_key"))
+        .values(
+            active=u.active + 1,
+            total_leases=u.total_leases + 1,
+            last_leased=flavor.tick(bindparam("b_pool")),
+        )
+    )
+
+
+@cache
+def _pick_statement(flavor: Flavor, selector: Selector) -> Select[Any]:
+    """The unfiltered pick of pool `pool`."""
+    return pick_select(bindparam("pool"), selector, flavor, None, 1)
+
+
 async def load_pool(conn: AsyncConnection, name: str) -> Pool | None:
-    row = (
-        await conn.execute(select(pools.c.name, pools.c.settings).where(pools.c.name == name))
-    ).first()
+    row = (await conn.execute(_LOAD_POOL, {"name": name})).first()
     return None if row is None else decode_pool(row.name, row.settings)
 
 
@@ -81,7 +110,7 @@ async def pick(
     flt = request.filters
     row: Row[Any] | None
     if flt is None:
-        row = (await conn.execute(pick_select(pool.name, selector, flavor, None, 1))).first()
+        row = (await conn.execute(_pick_statement(flavor, selector), {"pool": pool.name})).first()
     else:
         sql = to_sql(flt)
         if sql.exact:
@@ -162,31 +191,22 @@ async def grant(
     rebound_from: str | None = None,
 ) -> Lease:
     """Lease the (locked) upstream `row`: count it on the upstream, record the lease."""
-    await conn.execute(
-        update(upstreams)
-        .where(u.key == row.key)
-        .values(
-            active=u.active + 1,
-            total_leases=u.total_leases + 1,
-            last_leased=flavor.tick(row.pool),
-        )
-    )
+    await conn.execute(_count_statement(flavor), {"b_key": row.key, "b_pool": row.pool})
     inserted = await conn.execute(
-        leases.insert()
-        .values(
-            upstream_key=row.key,
-            pool=row.pool,
-            consumer=request.consumer,
-            session=request.session,
-            bound=request.session is not None,
-            acquired_at=now,
-            expires_at=expires_at,
-            holder=holder,
-            idle_ttl=idle_ttl,
-            uses=1,
-            rebound_from=rebound_from,
-        )
-        .returning(leases.c.id)
+        _RECORD,
+        {
+            "upstream_key": row.key,
+            "pool": row.pool,
+            "consumer": request.consumer,
+            "session": request.session,
+            "bound": request.session is not None,
+            "acquired_at": now,
+            "expires_at": expires_at,
+            "holder": holder,
+            "idle_ttl": idle_ttl,
+            "uses": 1,
+            "rebound_from": rebound_from,
+        },
     )
     return Lease(
         str(inserted.scalar_one()),
@@ -204,13 +224,10 @@ async def grant(
 
 async def drop(conn: AsyncConnection, lease_id: int) -> bool:
     """Undo a grant. False if the lease was not held."""
-    deleted = await conn.execute(
-        delete(leases).where(leases.c.id == lease_id).returning(leases.c.upstream_key)
-    )
-    upstream_key = deleted.scalar_one_or_none()
+    upstream_key = (await conn.execute(_DROP, {"id": lease_id})).scalar_one_or_none()
     if upstream_key is None:
         return False
-    await conn.execute(update(upstreams).where(u.key == upstream_key).values(active=u.active - 1))
+    await conn.execute(_UNCOUNT, {"b_key": upstream_key})
     return True
 
 
@@ -422,10 +439,18 @@ async def expire(conn: AsyncConnection, now: float, dead_holders: Any) -> list[L
     """Release leases that expired at or before `now`, and every lease of `dead_holders` (a
     subquery of holder ids); return them, soonest expiry first."""
     due = and_(leases.c.expires_at.is_not(None), leases.c.expires_at <= now)
+    # Locked in id order, then their upstreams in key order: the order batched releases
+    # take (`fast`), so that a sweep and a release cannot deadlock.
+    doomed = (
+        select(leases.c.id)
+        .where(or_(due, leases.c.holder.in_(dead_holders)))
+        .order_by(leases.c.id)
+        .with_for_update()
+    )
     deleted = (
         await conn.execute(
             delete(leases)
-            .where(or_(due, leases.c.holder.in_(dead_holders)))
+            .where(leases.c.id.in_(doomed.scalar_subquery()))
             .returning(*(column for column in leases.c))
         )
     ).all()

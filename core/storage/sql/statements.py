@@ -50,7 +50,7 @@ class Flavor:
 
     postgres: bool
 
-    def tick(self, pool: str) -> ColumnElement[Any]:
+    def tick(self, pool: str | ColumnElement[str]) -> ColumnElement[Any]:
         """The next round-robin tick: a sequence on PostgreSQL; on SQLite, whose writers are
         serialised, one more than the pool's highest."""
         if self.postgres:
