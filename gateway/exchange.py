@@ -163,13 +163,14 @@ class Exchange:
         client.set_sink(self._from_client, on_eof=self._client_eof, on_lost=self._lost)
         upstream.on_write_pressure(client.pause_reading, client.resume_reading)
         client.on_write_pressure(upstream.pause_reading, upstream.resume_reading)
-        self._idle_timer = client.loop.call_later(self._idle_timeout / 4, self._check_idle)
         try:
             # Body pieces parsed together with the head, then bytes read but not yet parsed.
             while self._held and not self._request_done:
                 self._on_request_event(self._held.popleft())
             if self._request_done:
                 self._await_response()
+            else:
+                self._watch_idle()  # a body to carry; until it ends, only progress tells
             if client.buffer and not self._done.done():
                 self._from_client(client.take_buffer())
             if client.eof and not self._done.done():
@@ -220,15 +221,16 @@ class Exchange:
     # -- upstream side ------------------------------------------------------------------------
 
     def _await_response(self) -> None:
+        # Until the first byte this one timer also stands for `idle_timeout`, when shorter.
         if not self.got_response and self._response_timer is None:
             self._response_timer = self._client.loop.call_later(
-                self._response_timeout, self._response_overdue
+                min(self._response_timeout, self._idle_timeout), self._response_overdue
             )
 
     def _response_overdue(self) -> None:
         self._response_timer = None
         if not self.got_response:
-            self.overdue = True
+            self.overdue = self._response_timeout <= self._idle_timeout
             self._upstream_broke(Outcome.READ_TIMEOUT)
 
     def _from_upstream(self, data: bytes) -> None:
@@ -237,6 +239,13 @@ class Exchange:
             if self._response_timer is not None:
                 self._response_timer.cancel()
                 self._response_timer = None
+            self._feed_response(data)
+            if not self._done.done():
+                self._watch_idle()  # a response longer than one read: watch it progress
+            return
+        self._feed_response(data)
+
+    def _feed_response(self, data: bytes) -> None:
         try:
             events = self._response_parser.feed(data)
         except HttpProtocolError:
@@ -338,6 +347,14 @@ class Exchange:
             self._finish(ExchangeEnd.ABORTED)
 
     # -- common -------------------------------------------------------------------------------
+
+    def _watch_idle(self) -> None:
+        """From now on, `idle_timeout` without a byte either way ends the exchange (checked a
+        quarter of it at a time: one timer, not one per chunk)."""
+        if self._idle_timer is None:
+            self._idle_timer = self._client.loop.call_later(
+                self._idle_timeout / 4, self._check_idle
+            )
 
     def _check_idle(self) -> None:
         progress = self.bytes_up + self.bytes_down + self.got_response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
@@ -207,3 +208,31 @@ async def test_the_admin_api_reports_kept_connections(
     assert body["upstream_connections"] == stats(gateway)
     assert (body["upstream_connections"]["reused"], body["upstream_connections"]["idle"]) == (2, 1)
     assert body["retry_budget"] == {"peak": 0, "denied": 0}
+
+
+class StallingOrigin(TcpServer):
+    """Sends a response head and part of its body, then nothing, ever."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await reader.read()
+
+
+async def test_a_response_stalling_mid_body_ends_after_idle_timeout(
+    start_gateway: StartGateway,
+) -> None:
+    async with StallingOrigin() as target:
+        gateway = await start_gateway(LISTEN + "idle_timeout = 0.4\n" + pool_toml("direct://"))
+        reader, writer = await asyncio.open_connection(*gateway.listen_addresses[0])
+        writer.write(f"GET http://127.0.0.1:{target.port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(1024):
+                    received += chunk
+        writer.close()
+        assert received.startswith(b"HTTP/1.1 200 ")
+        assert received.endswith(b"\r\n\r\nabc")  # cut short, never passed off as whole
+        assert stats(gateway)["kept"] == 0
