@@ -552,21 +552,24 @@ class LeaseManager:
     async def _storage_answers(self, started: float) -> None:
         """A sweep went through: end an outage, and after a long silence check which of the
         leases in use here are still ours."""
-        last, self._last_sweep = self._last_sweep, started
         if self._down_since is not None:
             log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
+        last = self._last_sweep
         grace: float | None = getattr(self.storage, "holder_grace", None)
         if grace is not None and last is not None and started - last > grace:
             await self._revalidate(started - last)
+        self._last_sweep = started  # only now: a re-validation that failed is tried again
 
     async def _revalidate(self, silence: float) -> None:
+        # Judged: leases in use before the listing; any acquired during it is ours anyway.
+        candidates = list(self._in_use)
         ours = {
             lease.id
             for lease in await self.storage.list_leases()
             if lease.holder == self.instance_id
         }
-        lost = [lease_id for lease_id in self._in_use if lease_id not in ours]
+        lost = [i for i in candidates if i in self._in_use and i not in ours]
         for lease_id in lost:
             del self._in_use[lease_id]
             self._session_users.pop(lease_id, None)
