@@ -122,41 +122,32 @@ class Compiled:
         return [params[slot] if ours else slot for slot, ours in self._slots]
 
 
-def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> Select[Any]:
-    """Pick, bump and lease for every caller in one statement (parameters p_pool, p_selector,
-    p_count, and one array each of p_consumers, p_holders, p_nows, p_expires).
+def _acquire_statement(
+    selector: Selector, *, guarded: bool, filtered: Any, many: bool
+) -> Select[Any]:
+    """Pick, bump and lease in one statement: with `many`, for every caller (parameters p_pool,
+    p_selector, p_count, and one array each of p_consumers, p_holders, p_nows, p_expires),
+    otherwise for one (p_pool, p_selector, p_consumer, p_holder, p_now, p_expires), which
+    spares a caller alone the arrays' unpacking.
 
-    Callers are served in their order, as many as there are upstreams free; the leases come
-    back as one array per column, in the callers' order."""
+    Callers are served in their order, as many as there are upstreams free. The leases come
+    back as one array of rows, each with its caller's number; the one caller's, as columns."""
     pool = bindparam("p_pool", type_=Text)
     guard = exists().where(pools.c.name == pool)
     if guarded:  # the pool's own selector: check this process still has it right
         guard = guard.where(pools.c.selector == bindparam("p_selector"))
-    asks = (
-        func.unnest(
-            bindparam("p_consumers", type_=ARRAY(Text)),
-            bindparam("p_holders", type_=ARRAY(Text)),
-            bindparam("p_nows", type_=ARRAY(Float)),
-            bindparam("p_expires", type_=ARRAY(Float)),
-        )
-        .table_valued(
-            column("consumer", Text),
-            column("holder", Text),
-            column("now", Float),
-            column("expires_at", Float),
-            with_ordinality="n",
-        )
-        .render_derived(name="asks")
-    )
-    count = bindparam("p_count", type_=Integer)
+    limit = bindparam("p_count", type_=Integer) if many else 1
     chosen = (
-        pick_select(pool, selector, _POSTGRES, filtered, count)
+        pick_select(pool, selector, _POSTGRES, filtered, limit)
         .with_only_columns(u.key)
         .where(guard)
-        .subquery("chosen")
     )
-    # Numbered after the lock: a window function cannot share a level with FOR UPDATE.
-    pick = select(chosen.c.key, func.row_number().over().label("n")).cte("pick")
+    if many:
+        # Numbered after the lock: a window function cannot share a level with FOR UPDATE.
+        locked = chosen.subquery("chosen")
+        pick = select(locked.c.key, func.row_number().over().label("n")).cte("pick")
+    else:
+        pick = chosen.add_columns(literal(1, BigInteger).label("n")).cte("pick")
     bump = (
         update(upstreams)
         .where(u.key == pick.c.key)
@@ -170,21 +161,7 @@ def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> S
     )
     granted = (
         leases.insert()
-        .from_select(
-            _GRANTED_COLUMNS,
-            select(
-                bump.c.key,
-                pool,
-                asks.c.consumer,
-                null(),
-                false(),
-                asks.c.now,
-                asks.c.expires_at,
-                asks.c.holder,
-                null(),
-                literal(1),
-            ).join_from(bump, asks, asks.c.n == bump.c.n),
-        )
+        .from_select(_GRANTED_COLUMNS, _grants(pool, bump, many))
         .returning(leases.c.id, leases.c.upstream_key)
         .cte("granted")
     )
@@ -197,6 +174,10 @@ def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> S
     if filtered is not None:
         could = could.where(filtered)
     flags = select(guard.label("pool_ok"), could.label("could_match")).subquery("flags")
+    joined = flags.outerjoin(lease, true())
+    if not many:
+        # One row always: the flags, and the lease's columns (NULL when nothing was granted).
+        return select(flags, lease).select_from(joined)
     # The leases as one array of (n, lease id, upstream columns...) rows: one aggregate, not
     # one per column.
     rows = func.array_agg(
@@ -205,7 +186,7 @@ def _acquire_statement(selector: Selector, *, guarded: bool, filtered: Any) -> S
     # One row always: the flags, and the leases (NULL when nothing was granted).
     return (
         select(flags.c.pool_ok, flags.c.could_match, rows.label("granted"))
-        .select_from(flags.outerjoin(lease, true()))
+        .select_from(joined)
         .group_by(flags.c.pool_ok, flags.c.could_match)
     )
 
@@ -223,6 +204,56 @@ _RELEASE_ONE = (
     .values(active=u.active - 1)
     .returning(u.key)
 )
+
+
+def _grants(pool: Any, bump: Any, many: bool) -> Select[Any]:
+    """The lease rows to insert for the bumped upstreams, in `_GRANTED_COLUMNS`' order."""
+    if not many:
+        caller: tuple[Any, ...] = (
+            bindparam("p_consumer", type_=Text),
+            bindparam("p_now", type_=Float),
+            bindparam("p_expires", type_=Float),
+            bindparam("p_holder", type_=Text),
+        )
+        return select(
+            bump.c.key,
+            pool,
+            caller[0],
+            null(),
+            false(),
+            *caller[1:3],
+            caller[3],
+            null(),
+            literal(1),
+        )
+    asks = (
+        func.unnest(
+            bindparam("p_consumers", type_=ARRAY(Text)),
+            bindparam("p_holders", type_=ARRAY(Text)),
+            bindparam("p_nows", type_=ARRAY(Float)),
+            bindparam("p_expires", type_=ARRAY(Float)),
+        )
+        .table_valued(
+            column("consumer", Text),
+            column("holder", Text),
+            column("now", Float),
+            column("expires_at", Float),
+            with_ordinality="n",
+        )
+        .render_derived(name="asks")
+    )
+    return select(
+        bump.c.key,
+        pool,
+        asks.c.consumer,
+        null(),
+        false(),
+        asks.c.now,
+        asks.c.expires_at,
+        asks.c.holder,
+        null(),
+        literal(1),
+    ).join_from(bump, asks, asks.c.n == bump.c.n)
 
 
 def _release_statement() -> Select[Any]:
@@ -302,7 +333,7 @@ class FastPaths:
         self._dialect = dialect
         #: Each pool's selector as this process last read it (the statement checks it).
         self._selectors: dict[str, Selector] = {}
-        self._statements: dict[tuple[Selector, bool, Filter | None], Compiled] = {}
+        self._statements: dict[tuple[Selector, bool, Filter | None, bool], Compiled] = {}
         self._acquirers: dict[_AcquireKey, Coalescer[_Ask, _Outcome]] = {}
         self._releaser: Coalescer[int, bool] = Coalescer(
             self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH
@@ -316,11 +347,9 @@ class FastPaths:
     async def warm_up(self) -> None:
         """Open a lane and prepare the statements every gateway runs (round robin, release,
         renew) on it, so the first requests do not pay for connecting and planning."""
-        statement = self._statement(Selector.ROUND_ROBIN, True, None)
-        nobody: dict[str, Any] = {"p_pool": "", "p_selector": "", "p_count": 0}
-        for name in ("p_consumers", "p_holders", "p_nows", "p_expires"):
-            nobody[name] = []
-        await self._fetch(statement, nobody)
+        for many in (False, True):
+            statement = self._statement(Selector.ROUND_ROBIN, True, None, many=many)
+            await self._fetch(statement, _acquire_params("", Selector.ROUND_ROBIN, [], many=many))
         await self._release_batch([])
         await self._release_batch([0])
         await self.renew(0, None)
@@ -378,46 +407,39 @@ class FastPaths:
         _, selector, guarded, filters = key
 
         async def run(asks: Sequence[_Ask]) -> list[_Outcome]:
-            statement = self._statement(selector, guarded, filters)
-            return await self._acquire_batch(statement, selector, filters, asks)
+            return await self._acquire_batch(selector, guarded, filters, asks)
 
         acquirer = Coalescer(run, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, orphan=self._disown)
         self._acquirers[key] = acquirer
         return acquirer
 
-    def _statement(self, selector: Selector, guarded: bool, filters: Filter | None) -> Compiled:
-        key = (selector, guarded, filters)
+    def _statement(
+        self, selector: Selector, guarded: bool, filters: Filter | None, *, many: bool
+    ) -> Compiled:
+        key = (selector, guarded, filters, many)
         statement = self._statements.get(key)
         if statement is None:
             clause = None if filters is None else to_sql(filters).clause
-            statement = Compiled(
-                _acquire_statement(selector, guarded=guarded, filtered=clause), self._dialect
-            )
-            self._statements[key] = statement
+            built = _acquire_statement(selector, guarded=guarded, filtered=clause, many=many)
+            statement = self._statements[key] = Compiled(built, self._dialect)
         return statement
 
     async def _acquire_batch(
         self,
-        statement: Compiled,
         selector: Selector,
+        guarded: bool,
         filters: Filter | None,
         asks: Sequence[_Ask],
     ) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         pending = list(asks)
         while pending:
-            params = {
-                "p_pool": pending[0].pool,
-                "p_selector": selector.value,
-                "p_count": len(pending),
-                "p_consumers": [ask.consumer for ask in pending],
-                "p_holders": [ask.holder for ask in pending],
-                "p_nows": [ask.now for ask in pending],
-                "p_expires": [ask.expires_at for ask in pending],
-            }
+            many = len(pending) > 1
+            statement = self._statement(selector, guarded, filters, many=many)
+            params = _acquire_params(pending[0].pool, selector, pending, many=many)
             row = await self._fetch(statement, params)
             assert row is not None  # the statement always returns its flags row
-            granted = row["granted"]
+            granted = _granted(row, many=many)
             if not granted:
                 outcomes.extend([_empty_verdict(row, filters)] * len(pending))
                 break
@@ -471,6 +493,36 @@ class FastPaths:
                 if attempt == DEADLOCK_RETRIES:
                     raise
         raise AssertionError("unreachable")
+
+
+def _granted(row: Any, *, many: bool) -> list[Any]:
+    """The (n, lease id, upstream columns...) rows of what an acquire statement granted."""
+    if many:
+        return row["granted"] or []
+    if row["lease_id"] is None:
+        return []
+    return [(row["n"], row["lease_id"], *(row[name] for name in _UPSTREAM_COLUMNS))]
+
+
+def _acquire_params(
+    pool: str, selector: Selector, asks: Sequence[_Ask], *, many: bool
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"p_pool": pool, "p_selector": selector.value}
+    if not many:
+        (ask,) = asks or (_Ask(pool, "", "", 0.0, None),)
+        return params | {
+            "p_consumer": ask.consumer,
+            "p_holder": ask.holder,
+            "p_now": ask.now,
+            "p_expires": ask.expires_at,
+        }
+    return params | {
+        "p_count": len(asks),
+        "p_consumers": [ask.consumer for ask in asks],
+        "p_holders": [ask.holder for ask in asks],
+        "p_nows": [ask.now for ask in asks],
+        "p_expires": [ask.expires_at for ask in asks],
+    }
 
 
 def _empty_verdict(row: Any, filters: Filter | None) -> _Verdict:
