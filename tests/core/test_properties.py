@@ -45,6 +45,9 @@ class LeasingMachine(RuleBasedStateMachine):
         self.storage: Storage = ADAPTERS[self.adapter]()
         self.now = NOW
         self.granted: set[str] = set()
+        #: Leases a session left for another upstream (theirs was ejected): still held by
+        #: their user until put back, but no longer the session's.
+        self.parted: set[str] = set()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
@@ -87,6 +90,11 @@ class LeasingMachine(RuleBasedStateMachine):
             return None
         if lease is not None:
             self.granted.add(lease.id)
+            if lease.rebound_from is not None:
+                held = self.run(self.storage.list_leases("p"))
+                self.parted.update(
+                    old.id for old in held if old.session == session and old.id != lease.id
+                )
         return lease
 
     @rule(lease=consumes(leases))
@@ -136,7 +144,9 @@ class LeasingMachine(RuleBasedStateMachine):
         assert stats.available == sum(
             1 for uid in upstreams if uid not in ejected and per_upstream[uid] < limits[uid]
         )
-        sessions = collections.Counter(lease.session for lease in held if lease.session)
+        sessions = collections.Counter(
+            lease.session for lease in held if lease.session and lease.id not in self.parted
+        )
         assert all(count == 1 for count in sessions.values())
 
 
