@@ -51,7 +51,7 @@ __all__ = ["load_settings"]
 
 # No "-": the gateway reads the account and the pool out of a proxy username split on "-".
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
-_STORAGE_SCHEMES = ("memory", "sqlite", "postgresql")
+_STORAGE_SCHEMES = ("memory", "sqlite", "postgresql", "postgres")
 
 T = TypeVar("T")
 

@@ -17,6 +17,7 @@ from itertools import groupby
 from typing import Protocol
 
 from core import health
+from core.errors import StorageUnavailable
 from core.health import RecordSource
 from core.leasing import LeaseManager
 from core.models import HealthPolicy, HealthStatus, Outcome, Upstream
@@ -252,6 +253,8 @@ class CheckScheduler:
         while True:
             try:
                 await self.run_once()
+            except StorageUnavailable as error:
+                log.warning("health check round skipped: %s", error)
             except Exception:
                 log.exception("health check round failed; trying again in %gs", self.tick)
             await asyncio.sleep(self.tick)

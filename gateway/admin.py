@@ -9,6 +9,7 @@ from dataclasses import asdict
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from core.errors import StorageUnavailable
 from core.leasing import LeaseManager
 
 __all__ = ["build_admin_app"]
@@ -37,6 +38,13 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
+    try:
+        return await _pool_stats(request)
+    except StorageUnavailable:
+        return web.json_response({"error": "storage unavailable"}, status=503)
+
+
+async def _pool_stats(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     now = manager.clock.now()
     pools = {}

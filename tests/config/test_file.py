@@ -224,5 +224,5 @@ def test_no_pools_with_another_default_pool_name(write: WriteFile) -> None:
 
 
 def test_storage_schemes(write: WriteFile) -> None:
-    for url in ("memory://", "sqlite:///var/lib/pg.db", "postgresql://u@h/db"):
+    for url in ("memory://", "sqlite:///var/lib/pg.db", "postgresql://u@h/db", "postgres://u@h/db"):
         assert load(write(f'[storage]\nurl = "{url}"\n')).storage.url == url

@@ -8,9 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from config import load_settings
+from core.checks import CheckScheduler
+from core.leasing import LeaseManager
 from core.storage.memory import MemoryStorage
 from gateway.app import Gateway
 from tests.gateway.conftest import leases_held
@@ -92,3 +95,49 @@ async def _true(value: bool) -> bool:
 
 async def _none_held(gateway: Gateway) -> bool:
     return await leases_held(gateway) == 0
+
+
+async def test_the_admin_api_answers_503_while_the_storage_is_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[gateway]\nlisten = ["127.0.0.1:0"]\n[admin]\nlisten = "127.0.0.1:0"\n'
+        "[checks]\nenabled = false\n" + pool_toml("direct://")
+    )
+    storage, switch = flaky(MemoryStorage())
+    gateway = Gateway(load_settings(path, env={}), storage=storage)
+    await gateway.start()
+    assert gateway.admin_address is not None
+    url = "http://{}:{}/api/stats".format(*gateway.admin_address)
+    try:
+        async with aiohttp.ClientSession() as session:
+            switch.down = True
+            async with session.get(url) as response:
+                assert response.status == 503
+                assert await response.json() == {"error": "storage unavailable"}
+            switch.down = False
+            async with session.get(url) as response:
+                assert response.status == 200
+    finally:
+        switch.down = False
+        await gateway.stop(drain_timeout=1.0)
+    assert "Traceback" not in caplog.text
+
+
+async def test_check_rounds_skipped_for_want_of_storage_say_so_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage, switch = flaky(MemoryStorage())
+    switch.down = True
+    manager = LeaseManager(storage)
+    scheduler = CheckScheduler(manager, [], tick=0.01)
+    with caplog.at_level(logging.WARNING):
+        await scheduler.start()
+        try:
+            await eventually(
+                lambda: _true("health check round skipped" in caplog.text), "a skipped round"
+            )
+        finally:
+            await scheduler.close()
+    assert "Traceback" not in caplog.text
