@@ -13,8 +13,10 @@ schema (`bench_proxygate_...`, `bench_pharox_...`) or a SQLite file. pharox keep
 released lease as a row, so a case is bounded by time, not by a count, for both sides: a
 warm-up, then `seconds` of pairs; the rate is pairs over the case's wall time. Cases alternate
 round by round (proxygate, pharox's two paths; 1 task, then 16), and each figure is the median
-of its rounds. Each case reports this process's CPU share and the whole machine's (every core,
-every process: the database server's work shows there, and so does anyone else's).
+of its rounds. Each case reports the CPU share of the process doing the pairs (proxygate's is
+this one, pharox's its subprocess; threads add up, so it can pass 100%) and, at most over its
+rounds, how busy all cores were (every process: the database server's work shows there, and so
+does anyone else's on a shared machine).
 
 The last line: `sql: proxygate N pairs/s, pharox M pairs/s, ratio R (postgres, 16 tasks)`,
 where M is the faster of pharox's two paths and `n/a` stands for what was not measured.
@@ -337,12 +339,13 @@ def summary_line(top: dict[str, Any]) -> str:
 def note(name: str, summary: dict[str, Any], seconds: float) -> str:
     rates = " / ".join(f"{rate:,.0f}" for rate in summary["rates"])
     machine = summary["machine_share"]
-    busy = "" if machine is None else f"; machine busy <= {machine:.0%} of all cores"
+    # Every process counts, the database server's and the benchmark's own included.
+    busy = "" if machine is None else f"; all cores busy <= {machine:.0%}"
     held = ""
     if name.startswith("proxygate"):
         held = f"; {summary['leases_held_after']} leases held after"
     return (
-        f"median of {rates} ({seconds:g} s each); this process's cpu share >= "
+        f"median of {rates} ({seconds:g} s each); client process cpu >= "
         f"{summary['cpu_share']:.0%}{busy}{held}"
     )
 
