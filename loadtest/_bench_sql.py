@@ -115,9 +115,15 @@ def targets_of(values: Sequence[str]) -> list[Target]:
 # -- scratch databases -----------------------------------------------------------------------
 
 
+def libpq_url(url: str) -> str:
+    """`url` as asyncpg takes it: without SQLAlchemy's `+driver` in the scheme."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.partition("+")[0] + sep + rest
+
+
 async def make_schema(url: str, prefix: str) -> str:
     name = f"{prefix}_{secrets.token_hex(5)}"
-    connection = await asyncpg.connect(url, timeout=10)
+    connection = await asyncpg.connect(libpq_url(url), timeout=10)
     try:
         await connection.execute(f'CREATE SCHEMA "{name}"')
     finally:
@@ -126,7 +132,7 @@ async def make_schema(url: str, prefix: str) -> str:
 
 
 async def drop_schema(url: str, name: str) -> None:
-    connection = await asyncpg.connect(url, timeout=10)
+    connection = await asyncpg.connect(libpq_url(url), timeout=10)
     try:
         await connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
     finally:
