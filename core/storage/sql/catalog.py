@@ -1,7 +1,8 @@
 """Pools and upstreams: add, change, remove, read; and the pool stats snapshot.
 
 Lock order, to keep PostgreSQL free of deadlocks: upstream rows before their pool's row, in every
-transaction that takes both (health updates lock the pool row only to decide an ejection).
+transaction that takes both (health updates lock the pool row only to decide an ejection), and
+several upstream rows in key order, as batched releases and sweeps take them.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ async def add_pool(conn: AsyncConnection, pool: Pool) -> None:
 async def update_pool(conn: AsyncConnection, pool: Pool) -> None:
     if await load_pool(conn, pool.name) is None:
         raise PoolNotFound(pool.name)
-    # Upstreams first (see the module's lock order), then the pool.
+    # Upstreams first, in key order (see the module's lock order), then the pool.
+    await conn.execute(
+        select(u.key).where(u.pool == pool.name, LIVE).order_by(u.key).with_for_update()
+    )
     limit = UNLIMITED if pool.max_concurrency is None else pool.max_concurrency
     await conn.execute(
         update(upstreams)
@@ -82,7 +86,7 @@ async def remove_pool(conn: AsyncConnection, name: str) -> None:
         raise PoolNotFound(name)
     # Lock the pool's upstreams: an acquire in flight either commits first (and is counted
     # below) or finds them gone.
-    await conn.execute(select(u.key).where(u.pool == name).with_for_update())
+    await conn.execute(select(u.key).where(u.pool == name).order_by(u.key).with_for_update())
     held = (await conn.execute(select(func.count()).where(leases.c.pool == name))).scalar_one()
     if held:
         raise CatalogError(f"pool {name!r} still holds {held} leases")
