@@ -146,6 +146,9 @@ class _Builder:
             keepalive_max_idle=table.get(
                 "keepalive_max_idle", self.count, default.keepalive_max_idle
             ),
+            keepalive_max_idle_total=table.get(
+                "keepalive_max_idle_total", self.count, default.keepalive_max_idle_total
+            ),
             keepalive_idle_timeout=table.get(
                 "keepalive_idle_timeout", seconds, default.keepalive_idle_timeout
             ),

@@ -133,6 +133,8 @@ class GatewaySettings:
     #: Idle upstream connections kept for reuse, per upstream (and target, but for HTTP
     #: upstreams); 0 opens a connection per request.
     keepalive_max_idle: int = 32
+    #: ...and in all (each is an open file: a large pool in rotation must not pile them up).
+    keepalive_max_idle_total: int = 256
     keepalive_idle_timeout: float = 15.0
     keepalive_max_uses: int = 100
 

@@ -56,6 +56,7 @@ KEYS: dict[str, dict[str, Kind]] = {
         "retry_budget_min": "int",
         "response_timeout": "float",
         "keepalive_max_idle": "int",
+        "keepalive_max_idle_total": "int",
         "keepalive_idle_timeout": "float",
         "keepalive_max_uses": "int",
     },

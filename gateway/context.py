@@ -76,7 +76,8 @@ class GatewayContext:
         settings = self.settings
         self.connections = UpstreamConnections(
             KeepAliveLimits(
-                max_idle=settings.keepalive_max_idle,
+                max_idle=min(settings.keepalive_max_idle, settings.keepalive_max_idle_total),
+                max_idle_total=settings.keepalive_max_idle_total,
                 idle_timeout=settings.keepalive_idle_timeout,
                 max_uses=settings.keepalive_max_uses,
             )

@@ -13,7 +13,8 @@ The recycling rules of an object pool:
   connections too, and reusing one they are closing costs a retry);
 - *health on borrow*: a connection the upstream closed, or that received bytes while idle (an
   upstream speaking out of turn), is never lent; one closed while idle is dropped at once;
-- *bounds*: at most `max_idle` per key, the oldest going first when a newer one is kept.
+- *bounds*: at most `max_idle` per key and `max_idle_total` in all, the oldest going first
+  when a newer one is kept.
 
 Connections are lent most recently used first: the warmest is the least likely to be closing.
 """
@@ -37,6 +38,8 @@ _Key = tuple[str, str, int]
 class KeepAliveLimits:
     #: Idle connections kept per key; 0 turns reuse off (one connection per request).
     max_idle: int = 32
+    #: Idle connections kept in all, whatever their key.
+    max_idle_total: int = 256
     #: Seconds a connection may stay idle before it is closed.
     idle_timeout: float = 15.0
     #: Requests one connection may carry before it is closed.
@@ -82,7 +85,9 @@ class UpstreamConnections:
     def __init__(self, limits: KeepAliveLimits) -> None:
         self.limits = limits
         self.stats = ConnectionStats()
+        # Kept connections per key (most recent last), and all of them oldest first.
         self._idle: dict[_Key, list[_Idle]] = {}
+        self._by_age: dict[_Idle, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -100,8 +105,8 @@ class UpstreamConnections:
             # Not asyncio.get_running_loop(): it makes a system call (getpid) each time.
             deadline = stack[-1].channel.loop.time() - self.limits.idle_timeout
             while stack:
-                entry = stack.pop()
-                stats.idle -= 1
+                entry = stack[-1]
+                self._remove(entry)
                 channel = entry.channel
                 channel.set_sink(None)
                 if channel.closed or channel.eof or channel.buffer:
@@ -130,20 +135,20 @@ class UpstreamConnections:
             return
         key = _key(upstream, host, port)
         stack = self._idle.get(key)
-        if stack is None:
-            stack = self._idle[key] = []
-        elif len(stack) >= limits.max_idle:
-            oldest = stack.pop(0)
-            self._forget(oldest)
-            self.stats.evicted += 1
-            oldest.channel.close()
+        if stack is not None and len(stack) >= limits.max_idle:
+            self._evict(stack[0])
+        if len(self._by_age) >= limits.max_idle_total:
+            # Many upstreams, each reused seldom (a large pool in rotation): the connection
+            # idle longest anywhere makes room, so kept ones never pile up without bound.
+            self._evict(next(iter(self._by_age)))
         loop = channel.loop
         entry = _Idle(self, key, channel, uses, loop.time())
         channel.set_sink(entry.unsolicited, on_eof=entry.gone, on_lost=entry.gone)
         # Its last exchange may have paused it for a slow client: an idle connection must
         # hear its upstream close.
         channel.resume_reading()
-        stack.append(entry)
+        self._idle.setdefault(key, []).append(entry)
+        self._by_age[entry] = None
         self.stats.idle += 1
         self.stats.kept += 1
         if self._sweeper is None:
@@ -155,46 +160,46 @@ class UpstreamConnections:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for stack in self._idle.values():
-            for entry in stack:
-                entry.channel.set_sink(None)
-                entry.channel.close()
-        self._idle.clear()
-        self.stats.idle = 0
+        for entry in list(self._by_age):
+            self._remove(entry)
+            entry.channel.set_sink(None)
+            entry.channel.close()
 
     def _drop(self, entry: _Idle) -> None:
         """The upstream closed a kept connection, or spoke while it was idle."""
-        if self._forget(entry):
+        if entry in self._by_age:
+            self._remove(entry)
             self.stats.closed_by_upstream += 1
         entry.channel.set_sink(None)
         entry.channel.close()
 
-    def _forget(self, entry: _Idle) -> bool:
-        stack = self._idle.get(entry.key)
-        if stack is None or entry not in stack:
-            return False
+    def _evict(self, entry: _Idle) -> None:
+        self._remove(entry)
+        self.stats.evicted += 1
+        entry.channel.set_sink(None)
+        entry.channel.close()
+
+    def _remove(self, entry: _Idle) -> None:
+        del self._by_age[entry]
+        stack = self._idle[entry.key]
         stack.remove(entry)
-        self.stats.idle -= 1
         if not stack:
             del self._idle[entry.key]
-        return True
+        self.stats.idle -= 1
 
     def _sweep(self) -> None:
         self._sweeper = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() - self.limits.idle_timeout
-        for key in list(self._idle):
-            stack = self._idle[key]
-            # Oldest first: the stack is in the order connections were kept.
-            while stack and stack[0].since < deadline:
-                entry = stack.pop(0)
-                self.stats.idle -= 1
-                self.stats.expired += 1
-                entry.channel.set_sink(None)
-                entry.channel.close()
-            if not stack:
-                del self._idle[key]
-        if self._idle:
+        while self._by_age:
+            entry = next(iter(self._by_age))
+            if entry.since >= deadline:
+                break  # oldest first: the rest are younger
+            self._remove(entry)
+            self.stats.expired += 1
+            entry.channel.set_sink(None)
+            entry.channel.close()
+        if self._by_age:
             self._sweeper = loop.call_later(self.limits.idle_timeout / 2, self._sweep)
 
 

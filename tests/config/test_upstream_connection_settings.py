@@ -12,18 +12,21 @@ def test_defaults() -> None:
     assert gateway.response_timeout == 30.0
     assert (
         gateway.keepalive_max_idle,
+        gateway.keepalive_max_idle_total,
         gateway.keepalive_idle_timeout,
         gateway.keepalive_max_uses,
-    ) == (32, 15.0, 100)
+    ) == (32, 256, 15.0, 100)
 
 
 def test_every_key_is_read_from_the_file_and_the_environment(write: WriteFile) -> None:
     path = write(
         "[gateway]\nresponse_timeout = 5\nkeepalive_max_idle = 0\nkeepalive_idle_timeout = 2.5\n"
+        "keepalive_max_idle_total = 9\n"
     )
     gateway = load(path, env={"PROXYGATE_GATEWAY__KEEPALIVE_MAX_USES": "7"}).gateway
     assert (gateway.response_timeout, gateway.keepalive_max_idle) == (5.0, 0)
     assert (gateway.keepalive_idle_timeout, gateway.keepalive_max_uses) == (2.5, 7)
+    assert gateway.keepalive_max_idle_total == 9
 
 
 @pytest.mark.parametrize(

@@ -236,3 +236,21 @@ async def test_a_response_stalling_mid_body_ends_after_idle_timeout(
         assert received.startswith(b"HTTP/1.1 200 ")
         assert received.endswith(b"\r\n\r\nabc")  # cut short, never passed off as whole
         assert stats(gateway)["kept"] == 0
+
+
+async def test_kept_connections_stay_within_their_total_bound(
+    start_gateway: StartGateway, origin: Origin, sim_upstreams: list[SimUpstream]
+) -> None:
+    # Eight upstreams to the gateway (user names tell them apart), two servers in truth.
+    urls = [f"http://u{i}:x@{u.host}:{u.port}" for i in range(4) for u in sim_upstreams]
+    gateway = await start_gateway(LISTEN + "keepalive_max_idle_total = 3\n" + pool_toml(*urls))
+    assert await get_all(gateway, origin.url_for("/echo"), 16) == [200] * 16
+    counts = stats(gateway)
+    # Rotation over more upstreams than the bound: each kept connection made room for the
+    # next and was gone before its upstream came round again.
+    assert (counts["idle"], counts["evicted"], counts["reused"]) == (3, 13, 0)
+    for _ in range(100):  # the upstreams hear the evicted ones close a moment later
+        if sum(len(u.live) for u in sim_upstreams) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert sum(len(u.live) for u in sim_upstreams) == 3
