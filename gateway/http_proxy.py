@@ -193,6 +193,8 @@ async def _forward(
             except NoUpstream:
                 if auth_error is not None:
                     raise auth_error from None
+                if silence is not None:  # nobody left to ask once more
+                    raise silence.timeout(ctx) from None
                 raise
             end, exchange = await _carry(
                 ctx, client, parser, held, head, fields, leased, retry=attempt > 0
@@ -203,10 +205,7 @@ async def _forward(
                 silence = silence or _Silence()
                 silence.silent.append(upstream_id)
                 if not (replayable and silence.retry(ctx, route.pool)):
-                    raise ResponseTimeout(
-                        f"no answer within {ctx.settings.response_timeout:g}s",
-                        next_hop=upstream_id,
-                    )
+                    raise silence.timeout(ctx)
                 tried.add(upstream_id)
                 continue
             if silence is not None:
@@ -268,6 +267,11 @@ class _Silence:
             return False
         self.retrying = True
         return True
+
+    def timeout(self, ctx: GatewayContext) -> ResponseTimeout:
+        return ResponseTimeout(
+            f"no answer within {ctx.settings.response_timeout:g}s", next_hop=self.silent[-1]
+        )
 
     async def settle(self, ctx: GatewayContext, pool: str) -> None:
         if self.retrying:

@@ -336,3 +336,16 @@ async def test_a_request_with_a_body_is_not_sent_again_after_silence(
     assert "error=http_response_timeout" in headers["Proxy-Status"]
     assert (dead.connections, good.connections) == (1, 0)
     assert await attempts_with(gateway, dead.url, Outcome.READ_TIMEOUT) == 1
+
+
+async def test_a_silent_upstream_alone_in_its_pool_is_a_504_not_a_503(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    dead = await fake_http_proxy_factory()
+    dead.faults.blackhole = True
+    toml = '[gateway]\nlisten = ["127.0.0.1:0"]\nresponse_timeout = 0.3\n'
+    gateway = await start_gateway(toml + pool_toml(dead.url))
+    status, headers, _ = await fetch(origin.url_for("/echo"), proxy_url(gateway))
+    assert status == 504
+    assert "error=http_response_timeout" in headers["Proxy-Status"]
+    assert await attempts_with(gateway, dead.url, Outcome.READ_TIMEOUT) == 1
