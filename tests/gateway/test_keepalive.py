@@ -254,3 +254,16 @@ async def test_kept_connections_stay_within_their_total_bound(
             break
         await asyncio.sleep(0.02)
     assert sum(len(u.live) for u in sim_upstreams) == 3
+
+
+async def test_kept_connections_stay_within_their_bound_per_upstream(
+    start_gateway: StartGateway, origin: Origin
+) -> None:
+    gateway = await start_gateway(LISTEN + "keepalive_max_idle = 1\n" + pool_toml("direct://"))
+    # Three at once need three connections; afterwards one is kept, the others make way.
+    results = await asyncio.gather(
+        *(fetch(origin.url_for(f"/slow?seconds=0.2&i={i}"), proxy_url(gateway)) for i in range(3))
+    )
+    assert [status for status, _, _ in results] == [200] * 3
+    counts = stats(gateway)
+    assert (counts["idle"], counts["kept"], counts["evicted"]) == (1, 3, 2)
