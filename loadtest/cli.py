@@ -18,9 +18,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from loadtest import report
+from loadtest import idle, report
 from loadtest.peers import PEERS, ensure
 from loadtest.rig import RigError
 from loadtest.runner import Options, TargetRun, pin_harness, run_scenario
@@ -53,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, help="seconds per request")
     load.add_argument("--sessions", type=int, help="sticky sessions to spread requests over")
     load.add_argument("--sticky-ttl", type=float, help="the pool's session idle TTL, seconds")
+    load.add_argument("--tunnels", type=int, help="idle-tunnels: how many to hold open")
     rig = parser.add_argument_group("rig")
     rig.add_argument("--upstreams", type=int, help="upstreams in the fleet")
     rig.add_argument("--fleet", choices=("sim", "debian"), default="sim")
@@ -115,6 +115,8 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
     if args.tls and scenario.mode == "http":
         raise UsageError("--tls needs a tunnel: use connect-throughput or socks5")
     sessions = args.sessions if args.sessions is not None else scenario.sessions
+    tunnels = args.tunnels if args.tunnels is not None else scenario.tunnels
+    _check_tunnels(args, scenario, tunnels)
     if duration <= 0 or warmup < 0 or (args.connections is not None and args.connections < 1):
         raise UsageError("--duration must be > 0, --warmup >= 0, --connections >= 1")
     return Options(
@@ -141,11 +143,52 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
         drain_wait=args.drain_wait,
         workdir=workdir,
         gateway={} if args.sticky_ttl is None else {"sticky_ttl": args.sticky_ttl},
+        tunnels=tunnels,
     )
+
+
+def _check_tunnels(args: argparse.Namespace, scenario: Scenario, tunnels: int) -> None:
+    """--tunnels belongs to idle-tunnels, which has no request load to shape."""
+    if scenario.name != "idle-tunnels":
+        if args.tunnels is not None:
+            raise UsageError("--tunnels is for the idle-tunnels scenario")
+        return
+    if tunnels < 1:
+        raise UsageError("--tunnels must be >= 1")
+    given = [
+        flag
+        for flag, value in (
+            ("--rate", args.rate),
+            ("--requests", args.requests),
+            ("--sessions", args.sessions),
+            ("--fault", args.fault),
+            ("--compare", args.compare),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(f"idle-tunnels holds tunnels idle: {', '.join(given)} do not apply")
+    # The Debian programs and nginx are configured for far fewer connections than this holds.
+    if args.fleet != "sim" or args.origin != "builtin":
+        raise UsageError("idle-tunnels runs on the sim fleet and the builtin origin")
 
 
 def _describe(options: Options) -> str:
     s = options.scenario
+    if s.name == "idle-tunnels":
+        return (
+            f"loadtest {s.name}: {s.summary}\n"
+            f"  {options.tunnels:,} CONNECT tunnels to the builtin origin"
+            f"{' over TLS' if options.tls else ''}, {options.connections} opened at a time, "
+            f"each proven by GET /bytes/{options.body}; {options.upstreams} or more http "
+            f"upstreams (sim fleet)\n  {options.warmup:g} s before the first reading, tunnels "
+            f"held idle {options.duration:g} s"
+            + (
+                "; proxygate pinned to CPU 0, rig and harness to the others"
+                if options.pin
+                else "; no CPU pinning"
+            )
+        )
     loop = f"open loop at {options.rate:g} req/s" if options.rate else "closed loop"
     what = f"GET /bytes/{options.body}" if options.body else "GET /who"
     return (
@@ -175,7 +218,8 @@ def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
             problems.append(f"proxygate refused {run.label or 'its configuration'}: {run.refused}")
             code = max(code, EXIT_REFUSED)
         if run.failed:
-            problems.append(f"proxygate {run.label} could not run: {run.failed}")
+            name = f"proxygate {run.label}".strip()
+            problems.append(f"{name} could not run: {run.failed}")
             code = max(code, EXIT_FAILED)
         if run.leaked:
             problems.append(
@@ -185,6 +229,9 @@ def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
             code = max(code, EXIT_FAILED)
         if run.exit_code not in (0, None):
             problems.append(f"proxygate exited with status {run.exit_code} on SIGTERM")
+            code = max(code, EXIT_FAILED)
+        if run.problems:
+            problems.extend(f"FAILED: {problem}" for problem in run.problems)
             code = max(code, EXIT_FAILED)
     return code
 
@@ -222,7 +269,7 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     restore = pin_harness(options.pin)
     started = time.time()
     try:
-        _, runs = _run(options, args.quiet)
+        runs = _run(options, args.quiet)
     except (RigError, TargetError) as exc:
         progress.done()
         print(f"loadtest: {exc}", file=sys.stderr)
@@ -234,16 +281,21 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     return _finish(args, options, runs, not_measured, started)
 
 
-def _run(options: Options, quiet: bool) -> tuple[Any, list[TargetRun]]:
+def _run(options: Options, quiet: bool) -> list[TargetRun]:
     def log(text: str) -> None:
         if not quiet:
             print(f"\n  {text}" if sys.stderr.isatty() else f"  {text}", file=sys.stderr)
 
+    async def runs() -> list[TargetRun]:
+        if options.scenario.name == "idle-tunnels":
+            return await idle.run_idle(options, log)
+        return (await run_scenario(options, log))[1]
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency of the project
-        return asyncio.run(run_scenario(options, log))
-    return uvloop.run(run_scenario(options, log))
+        return asyncio.run(runs())
+    return uvloop.run(runs())
 
 
 def _finish(
@@ -255,7 +307,12 @@ def _finish(
 ) -> int:
     scenario = options.scenario.name
     report.say("")
-    report.say(report.table(runs))
+    if scenario == "idle-tunnels":
+        for run in runs:
+            for line in idle.report_lines(run):
+                report.say(line)
+    else:
+        report.say(report.table(runs))
     errors = report.errors_text(runs)
     if errors:
         report.say("errors by kind:")
@@ -294,7 +351,10 @@ def _finish(
         report.say(problem)
     # Asked to compare: the compare line, with "n/a" for a peer that could not be measured.
     asked = [p.strip() for p in args.compare.split(",") if p.strip()]
-    last = report.summary_line(scenario, runs, asked)
+    if scenario == "idle-tunnels":
+        last = idle.summary_line(runs)
+    else:
+        last = report.summary_line(scenario, runs, asked)
     document = {
         "scenario": scenario,
         "started_at": started,
@@ -323,7 +383,7 @@ def _finish(
 
 
 def _soak_lines(runs: list[TargetRun], warmup: float) -> list[str]:
-    """RSS, fds and threads from the end of the warm-up to the end of the run."""
+    """RSS, fds, threads and tasks from the end of the warm-up to the end of the run."""
     out = []
     for run in runs:
         samples = run.samples
@@ -332,10 +392,16 @@ def _soak_lines(runs: list[TargetRun], warmup: float) -> list[str]:
         after = [s for s in samples if s["t"] >= warmup] or samples
         first, last = after[0], samples[-1]
         growth = (last["rss_bytes"] - first["rss_bytes"]) / first["rss_bytes"] * 100
+        tasks = [s["tasks"] for s in after if "tasks" in s]
         out.append(
             f"soak: RSS {first['rss_bytes'] / 2**20:.1f} -> {last['rss_bytes'] / 2**20:.1f} MiB "
             f"after warm-up ({growth:+.1f}%), fds {first['fds']:.0f} -> {last['fds']:.0f}, "
-            f"threads {first['threads']:.0f} -> {last['threads']:.0f} (asyncio tasks are not "
-            "exposed by the gateway)"
+            f"threads {first['threads']:.0f} -> {last['threads']:.0f}, "
+            + (
+                f"asyncio tasks {tasks[0]:.0f} -> {tasks[-1]:.0f} (range {min(tasks):.0f}-"
+                f"{max(tasks):.0f})"
+                if tasks
+                else "asyncio tasks not counted"
+            )
         )
     return out

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["free_port", "spawn", "stop", "tail", "wait_listening"]
+__all__ = ["free_port", "raise_fd_limit", "spawn", "stop", "tail", "wait_listening"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,6 +24,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (children started
+    afterwards inherit it); the limit now in force. Many hosts default the soft limit to
+    1,024, far below what a run holding thousands of connections needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        # An unlimited hard limit is not a valid soft limit for files: use the kernel's cap.
+        target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 def spawn(

@@ -11,7 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcSample", "cpu_seconds", "descendants", "sample", "set_affinity"]
+__all__ = [
+    "ProcSample",
+    "cpu_seconds",
+    "descendants",
+    "fd_limit",
+    "sample",
+    "set_affinity",
+]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PROC = Path("/proc")
@@ -88,6 +95,20 @@ def sample(pid: int, *, tree: bool = True) -> ProcSample:
         with contextlib.suppress(OSError):
             fds += len(os.listdir(_PROC / str(each) / "fd"))
     return ProcSample(cpu_seconds(pid, tree=tree), rss, hwm, fds, threads)
+
+
+def fd_limit(pid: int) -> int | None:
+    """The soft limit of open files of `pid` ("Max open files" in /proc/PID/limits); None when
+    unreadable or unlimited."""
+    try:
+        lines = (_PROC / str(pid) / "limits").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("Max open files"):
+            soft = line[len("Max open files") :].split()[0]
+            return int(soft) if soft.isdigit() else None
+    return None
 
 
 def set_affinity(pid: int, cpus: set[int]) -> bool:

@@ -3,13 +3,19 @@
 A process apart keeps the rig's CPU out of the load generator's event loop and lets it be
 pinned away from the gateway. The harness talks to it over pipes, one JSON object a line:
 
-- argv[1] is the spec: `{"origin": "builtin"|"nginx", "sizes": [...], "fleet": "sim"|"debian",
-  "kinds": ["http", "socks5", ...], "workdir": "...", "cpus": [1]}`.
-- The rig answers `{"ready": true, "origin": {...}, "upstreams": [{"url", "host", "port",
+- argv[1] is the spec: `{"origin": "builtin"|"nginx"|"none", "sizes": [...], "fleet":
+  "sim"|"debian", "kinds": ["http", "socks5", ...], "first": 0, "workdir": "...", "cpus": [1]}`.
+  `first` numbers the upstreams from there (their addresses too), so that several rig
+  processes can share one fleet between them; `"origin": "none"` starts no origin. Both are for
+  runs that hold more connections than one process may have files open.
+- The rig answers `{"ready": true, "origin": {...} or null, "upstreams": [{"url", "host", "port",
   "kind"}]}` (or `{"ready": false, "error": "..."}`), then reads commands from stdin:
   `{"op": "apply", "upstreams": [0, 1], "toxics": {...}}`, `{"op": "stats"}`, `{"op": "stop"}`,
   each answered by one line with `"ok"`.
 - End of stdin (the harness went away) stops it too: it never outlives its harness.
+
+The rig raises its own soft limit of open files to the hard limit (every tunnel through it is
+two connections on a fleet upstream, one on the origin).
 
 `Rig` is the harness's side of the pipe.
 """
@@ -65,13 +71,13 @@ class Rig:
     def __init__(
         self,
         process: asyncio.subprocess.Process,
-        origin: OriginAddress,
+        origin: OriginAddress | None,
         upstreams: list[RigUpstream],
         fleet: str,
         log: Path,
     ) -> None:
         self.process = process
-        self.origin = origin
+        self._origin = origin
         self.upstreams = upstreams
         self.fleet = fleet
         self.log = log
@@ -80,6 +86,12 @@ class Rig:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def origin(self) -> OriginAddress:
+        if self._origin is None:
+            raise RigError("this rig process was started without an origin")
+        return self._origin
 
     @classmethod
     async def start(cls, spec: dict[str, Any], workdir: Path) -> Rig:
@@ -106,7 +118,7 @@ class Rig:
             await _end(process)
             why = answer.get("error") or procs.tail(log) or "no answer"
             raise RigError(f"the rig did not start: {why}")
-        origin = OriginAddress(**answer["origin"])
+        origin = OriginAddress(**answer["origin"]) if answer.get("origin") else None
         upstreams = [RigUpstream(**u) for u in answer["upstreams"]]
         return cls(process, origin, upstreams, spec.get("fleet", "sim"), log)
 
@@ -222,22 +234,23 @@ def _tinyproxy_config(host: str, port: int, directory: Path) -> str:
 async def _serve(spec: dict[str, Any]) -> None:
     workdir = Path(spec["workdir"])
     set_affinity(0, set(spec.get("cpus") or []))
-    origin: BuiltinOrigin | NginxOrigin
+    origin: BuiltinOrigin | NginxOrigin | None = None
     if spec.get("origin", "builtin") == "nginx":
         origin = NginxOrigin("127.0.0.2", workdir, list(spec.get("sizes", [])))
-    else:
+    elif spec.get("origin", "builtin") == "builtin":
         origin = BuiltinOrigin("127.0.0.2", workdir)
     kinds: list[str] = list(spec.get("kinds", []))
+    first = int(spec.get("first", 0))
     sims: list[SimUpstream] = []
     debian: _DebianFleet | None = None
     try:
-        address = await origin.start()
+        address = await origin.start() if origin is not None else None
         if spec.get("fleet", "sim") == "debian":
             debian = _DebianFleet(kinds, workdir)
             await debian.start()
             upstreams = debian.upstreams
         else:
-            sims = [SimUpstream(i, kind) for i, kind in enumerate(kinds)]
+            sims = [SimUpstream(i, kind) for i, kind in enumerate(kinds, start=first)]
             for sim in sims:
                 await sim.start()
             upstreams = [RigUpstream(s.url, s.host, s.port, s.kind) for s in sims]
@@ -248,7 +261,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     _say(
         {
             "ready": True,
-            "origin": dataclasses.asdict(address),
+            "origin": dataclasses.asdict(address) if address is not None else None,
             "upstreams": [dataclasses.asdict(u) for u in upstreams],
         }
     )
@@ -283,13 +296,16 @@ async def _commands(sims: list[SimUpstream], debian: _DebianFleet | None) -> Non
 
 
 async def _stop_all(
-    origin: BuiltinOrigin | NginxOrigin, sims: list[SimUpstream], debian: _DebianFleet | None
+    origin: BuiltinOrigin | NginxOrigin | None,
+    sims: list[SimUpstream],
+    debian: _DebianFleet | None,
 ) -> None:
     for sim in sims:
         await sim.stop()
     if debian is not None:
         await debian.stop()
-    await origin.stop()
+    if origin is not None:
+        await origin.stop()
 
 
 def _say(message: dict[str, Any]) -> None:
@@ -299,6 +315,7 @@ def _say(message: dict[str, Any]) -> None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    procs.raise_fd_limit()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency of the project

@@ -36,7 +36,15 @@ from loadtest.targets import (
 )
 from loadtest.toxics import FaultStep, Toxics
 
-__all__ = ["Options", "TargetRun", "run_scenario"]
+__all__ = [
+    "Options",
+    "TargetRun",
+    "drain_check",
+    "rest_cpus",
+    "run_scenario",
+    "sampler",
+    "start_target",
+]
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -68,6 +76,8 @@ class Options:
     #: GatewayConfig fields set from the command line, over the scenario's.
     gateway: dict[str, float] = field(default_factory=dict)
     progress: Callable[[str, Progress], None] | None = None
+    #: idle-tunnels: how many to hold.
+    tunnels: int = 0
 
 
 @dataclass
@@ -86,6 +96,10 @@ class TargetRun:
     refused: str | None = None  # the gateway would not start with this configuration
     failed: str | None = None  # the target could not be run
     notes: list[str] = field(default_factory=list)
+    #: Checks of the run that failed (the exit status is then 1), e.g. tunnels that did not open.
+    problems: list[str] = field(default_factory=list)
+    #: idle-tunnels: the figures (see `loadtest.idle`).
+    idle: dict[str, Any] | None = None
 
     @property
     def cpu_per_unit(self) -> float | None:
@@ -109,9 +123,12 @@ class TargetRun:
             "refused": self.refused,
             "failed": self.failed,
             "notes": self.notes,
+            "problems": self.problems,
             "exit_code": self.exit_code,
             "leases": self.leases,
         }
+        if self.idle is not None:
+            record["idle_tunnels"] = self.idle
         if load is not None:
             hist = load.histogram
             record |= {
@@ -179,21 +196,24 @@ async def _faults(rig: Rig, steps: list[FaultStep], log: Callable[[str], None]) 
         log(f"fault at {step.describe()}")
 
 
-async def _sampler(running: Running, into: list[dict[str, float]]) -> None:
-    """The target's RSS, fds and threads twice a second (the soak scenario's evidence)."""
+async def sampler(running: Running, into: list[dict[str, float]]) -> None:
+    """The target's RSS, fds, threads, and tasks where counted, twice a second (the soak
+    scenario's evidence)."""
     started = asyncio.get_running_loop().time()
     while True:
         found = running.sample()
         if found is not None:
-            into.append(
-                {
-                    "t": round(asyncio.get_running_loop().time() - started, 2),
-                    "rss_bytes": float(found.rss),
-                    "fds": float(found.fds),
-                    "threads": float(found.threads),
-                    "cpu_seconds": found.cpu,
-                }
-            )
+            record = {
+                "t": round(asyncio.get_running_loop().time() - started, 2),
+                "rss_bytes": float(found.rss),
+                "fds": float(found.fds),
+                "threads": float(found.threads),
+                "cpu_seconds": found.cpu,
+            }
+            tasks = running.tasks()
+            if tasks is not None:
+                record["tasks"] = float(tasks)
+            into.append(record)
         await asyncio.sleep(0.5)
 
 
@@ -221,7 +241,12 @@ async def start_target(
 ) -> Running:
     if name == "proxygate":
         sizes = len(config.upstreams)
-        return await start_proxygate(config, workdir, ready_timeout=60.0 + sizes / 1000.0)
+        return await start_proxygate(
+            config,
+            workdir,
+            ready_timeout=60.0 + sizes / 1000.0,
+            count_tasks=options.scenario.count_tasks,
+        )
     if name == "direct":
         return start_direct(rig.upstreams[0])
     return await start_peer(name, rig.upstreams, workdir)
@@ -269,7 +294,7 @@ async def measure(
     if options.faults:
         background.append(asyncio.create_task(_faults(rig, options.faults, log), name="faults"))
     if running.pid is not None:
-        background.append(asyncio.create_task(_sampler(running, run.samples), name="sampler"))
+        background.append(asyncio.create_task(sampler(running, run.samples), name="sampler"))
     progress = options.progress
     try:
         run.load = await run_load(
@@ -321,7 +346,7 @@ async def run_scenario(options: Options, log: Callable[[str], None]) -> tuple[Ri
         "sizes": sorted({options.body, 128, 1024}),
         "fleet": options.fleet,
         "kinds": [scenario.kind] * options.upstreams,
-        "cpus": sorted(_rest_cpus()) if options.pin else [],
+        "cpus": sorted(rest_cpus()) if options.pin else [],
     }
     rig = await Rig.start(spec, options.workdir)
     runs: list[TargetRun] = []
@@ -345,7 +370,7 @@ async def run_scenario(options: Options, log: Callable[[str], None]) -> tuple[Ri
     return rig, runs
 
 
-def _rest_cpus() -> set[int]:
+def rest_cpus() -> set[int]:
     """Every CPU but 0 (which the target gets), or all of them on a one-CPU machine."""
     cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     rest = cpus - {0}
@@ -357,7 +382,7 @@ def pin_harness(enabled: bool) -> set[int] | None:
     if not enabled or not hasattr(os, "sched_getaffinity"):
         return None
     before = set(os.sched_getaffinity(0))
-    if len(before) < 2 or not set_affinity(0, _rest_cpus()):
+    if len(before) < 2 or not set_affinity(0, rest_cpus()):
         return None
     return before
 

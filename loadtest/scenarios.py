@@ -23,7 +23,7 @@ class Scenario:
     kind: str  # upstream fleet: "http" or "socks5"
     keepalive: bool
     body: int  # bytes per response; 0 asks /who (which upstream carried it)
-    unit: str  # "us/req" or "cpu-s/GB": gateway CPU per request, or per GB moved
+    unit: str  # "us/req", "cpu-s/GB" (gateway CPU per request, per GB), "KiB/tunnel" (RSS)
     connections: int = 16
     duration: float = 10.0
     warmup: float = 2.0
@@ -34,6 +34,10 @@ class Scenario:
     compare: tuple[str, ...] = ()
     #: GatewayConfig fields that differ from the defaults.
     gateway: dict[str, float] = field(default_factory=dict)
+    #: Idle tunnels to hold (idle-tunnels: `connections` is then how many open at once).
+    tunnels: int = 0
+    #: Run the gateway under `loadtest.taskprobe`, which counts its asyncio tasks.
+    count_tasks: bool = False
 
 
 _PEERS = ("pproxy", "proxy.py", "direct")
@@ -76,8 +80,15 @@ SCENARIOS = {
         ),
         Scenario(
             "soak",
-            "a long keep-alive run watching the gateway's RSS, fds and threads",
+            "a long keep-alive run watching the gateway's RSS, fds, threads and tasks",
             "http", "http", True, 1024, "us/req", connections=32, duration=60.0, warmup=10.0,
+            count_tasks=True,
+        ),
+        Scenario(
+            "idle-tunnels",
+            "many CONNECT tunnels held open and idle: the gateway's RSS per tunnel",
+            "connect", "http", True, SMALL, "KiB/tunnel", connections=64, duration=5.0,
+            warmup=2.0, tunnels=10_000, count_tasks=True,
         ),
         Scenario(
             "storage",

@@ -2,9 +2,11 @@
 
 proxygate runs as `python -m gateway run --config FILE` with a generated TOML file, the pool's
 upstreams in a proxies file beside it, and its admin API on a port of its own; the harness
-reads `/api/stats` from it. The peers run from the harness's virtualenv (`loadtest.peers`) over
-the same upstreams: pproxy with `-s rr`, proxy.py with its `ProxyPoolPlugin` (HTTP upstreams
-only). "direct" is the client talking to the fleet's first upstream itself: the floor.
+reads `/api/stats` from it. Where its asyncio tasks are counted, it runs the same way under
+`loadtest.taskprobe`, which writes the count to a file beside the configuration. The peers
+run from the harness's virtualenv (`loadtest.peers`) over the same upstreams: pproxy with
+`-s rr`, proxy.py with its `ProxyPoolPlugin` (HTTP upstreams only). "direct" is the client
+talking to the fleet's first upstream itself: the floor.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from loadtest import procs
 from loadtest.peers import PEERS, bench_python, isolated_env
 from loadtest.procstat import ProcSample, descendants, sample, set_affinity
 from loadtest.rig import RigUpstream, child_env
+from loadtest.taskprobe import read_count
 
 __all__ = [
     "GatewayConfig",
@@ -108,12 +111,14 @@ class Running:
         process: subprocess.Popen[bytes] | None,
         log: Path | None,
         admin: tuple[str, int] | None = None,
+        tasks_file: Path | None = None,
     ) -> None:
         self.name = name
         self.listen = listen
         self.process = process
         self.log = log
         self.admin = admin
+        self.tasks_file = tasks_file
 
     @property
     def pid(self) -> int | None:
@@ -121,6 +126,10 @@ class Running:
 
     def sample(self) -> ProcSample | None:
         return sample(self.pid) if self.pid is not None else None
+
+    def tasks(self) -> int | None:
+        """The target's asyncio tasks, when they are counted (see `loadtest.taskprobe`)."""
+        return read_count(self.tasks_file) if self.tasks_file is not None else None
 
     def pin(self, cpus: set[int]) -> bool:
         if self.pid is None:
@@ -162,16 +171,27 @@ async def admin_get(address: tuple[str, int], path: str, timeout: float = 5.0) -
 
 
 async def start_proxygate(
-    config: GatewayConfig, workdir: Path, *, ready_timeout: float = 60.0
+    config: GatewayConfig,
+    workdir: Path,
+    *,
+    ready_timeout: float = 60.0,
+    count_tasks: bool = False,
 ) -> Running:
     port, admin_port = procs.free_port(LISTEN_HOST), procs.free_port(LISTEN_HOST)
     path = write_config(config, workdir, port, admin_port)
     log = workdir / "proxygate.log"
+    tasks_file = workdir / "tasks.txt" if count_tasks else None
+    program = ["gateway"] if tasks_file is None else ["loadtest.taskprobe", str(tasks_file)]
     process = procs.spawn(
-        [sys.executable, "-m", "gateway", "run", "--config", str(path)], log, env=child_env()
+        [sys.executable, "-m", *program, "run", "--config", str(path)], log, env=child_env()
     )
     running = Running(
-        "proxygate", (LISTEN_HOST, port), process, log, admin=(LISTEN_HOST, admin_port)
+        "proxygate",
+        (LISTEN_HOST, port),
+        process,
+        log,
+        admin=(LISTEN_HOST, admin_port),
+        tasks_file=tasks_file,
     )
     deadline = asyncio.get_running_loop().time() + ready_timeout
     while asyncio.get_running_loop().time() < deadline:

@@ -32,12 +32,19 @@ class Outcome:
         return [run for run in self.results["runs"] if run["target"] == "proxygate"]
 
 
-def run_loadtest(tmp_path: Path, *args: str, timeout: float = 90.0) -> Outcome:
+def run_loadtest(
+    tmp_path: Path, *args: str, timeout: float = 90.0, open_files: int | None = None
+) -> Outcome:
+    """`open_files` lowers the run's limit of open files (soft and hard) to that."""
     results = tmp_path / "results.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "loadtest", *args, "--json", str(results)]
+    if open_files is not None:
+        # prlimit(1) runs the command with the limit: no code runs between fork and exec here.
+        command = ["prlimit", f"--nofile={open_files}:{open_files}", *command]
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest", *args, "--json", str(results)],
+        command,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from loadtest.client import ClientError, Counters, Plan, open_conn
 from loadtest.fleet import SimUpstream
 from loadtest.hdr import Histogram, bucket_of, highest_in
+from loadtest.idle import FD_MARGIN, SPREAD, fleet_layout
 from loadtest.origin import BuiltinOrigin
 from loadtest.runner import drain_check
 from loadtest.targets import Running
@@ -149,3 +151,18 @@ async def test_fleet_upstream_faults(tmp_path: Path) -> None:
     finally:
         await upstream.stop()
         await origin.stop()
+
+
+@pytest.mark.parametrize(
+    ("tunnels", "limit"), [(10_000, 20_000), (10_000, 1_024), (50, 1_024), (1, 100)]
+)
+def test_idle_fleet_layout_keeps_every_process_within_its_files(tunnels: int, limit: int) -> None:
+    layout = fleet_layout(tunnels, 4, limit)
+    assert sum(layout.shards) == layout.upstreams >= 4
+    per_upstream = 2 * math.ceil(tunnels * SPREAD / layout.upstreams)
+    assert max(layout.shards) * per_upstream + FD_MARGIN <= limit
+
+
+def test_idle_fleet_layout_uses_few_processes() -> None:
+    assert fleet_layout(10_000, 4, 20_000).shards == (3, 1)
+    assert fleet_layout(50, 4, 1_024).shards == (4,)

@@ -69,7 +69,74 @@ def test_soak_samples_the_gateway(tmp_path: Path) -> None:
     assert_no_leak(outcome)
     assert run["process_samples"], run.keys()
     assert {"rss_bytes", "fds", "threads"} <= set(run["process_samples"][0])
+    assert any("tasks" in sample for sample in run["process_samples"])
     assert "soak: RSS" in outcome.stdout
+    assert "asyncio tasks " in outcome.stdout
+
+
+def test_idle_tunnels_are_held_counted_and_given_back(tmp_path: Path) -> None:
+    # Held a whole second: the gateway's tasks are counted twice a second.
+    outcome = run_loadtest(
+        tmp_path, "idle-tunnels", *SHORT[4:], "--tunnels", "50", "--duration", "1",
+        "--warmup", "0.2", "-c", "8",
+    )  # fmt: skip
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    (run,) = outcome.proxygate_runs()
+    figures = run["idle_tunnels"]
+    assert figures["tunnels_asked"] == figures["tunnels_open"] == 50
+    assert figures["errors"] == {}
+    assert figures["closed_while_idle"] == 0
+    assert figures["leases_held_open"] == 50
+    before, held, closed = figures["before"], figures["open"], figures["closed"]
+    assert held["fds"] - before["fds"] >= 100  # a client and an upstream connection each
+    assert held["tasks"] - before["tasks"] >= 50
+    assert closed["fds"] <= before["fds"]
+    assert figures["rss_per_tunnel_kib"] is not None
+    assert figures["gateway_idle_timeout"] > 600
+    assert run["process_samples"]
+    assert_no_leak(outcome)
+    assert "proxygate with them open:" in outcome.stdout
+    assert re.fullmatch(
+        rf"idle-tunnels: proxygate -?{NUMBER} KiB/tunnel \(50 tunnels\), fds \d+ -> \d+, "
+        r"leases held 50, leases leaked 0",
+        outcome.last_line,
+    ), outcome.last_line
+    assert outcome.results is not None
+    assert outcome.results["summary_line"] == outcome.last_line
+
+
+def test_idle_tunnels_say_when_the_open_files_limit_is_too_low(tmp_path: Path) -> None:
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    # 300 files: the harness and the origin hold 150 tunnels, the fleet is spread over two
+    # processes, but the gateway would need two files a tunnel and its own.
+    outcome = run_loadtest(
+        tmp_path, "idle-tunnels", *SHORT[4:], "--tunnels", "150", "--duration", "0.2",
+        "--warmup", "0.2", open_files=300,
+    )  # fmt: skip
+    assert outcome.code == 1, outcome.stdout + outcome.stderr
+    (run,) = outcome.proxygate_runs()
+    assert run["idle_tunnels"]["fleet_processes"] == 2
+    assert "tunnels_open" not in run["idle_tunnels"]
+    assert re.search(
+        r"150 tunnels need [\d,]+ open files in proxygate, which may have 300 \(the hard limit "
+        r"here.*at most \d+ tunnels fit",
+        outcome.stdout,
+    ), outcome.stdout
+    assert run["leases"]["leaked"] == 0
+    assert outcome.last_line.startswith("idle-tunnels: proxygate n/a KiB/tunnel (0 tunnels)")
+    outcome = run_loadtest(tmp_path, "idle-tunnels", *SHORT[4:], "--tunnels", "400", open_files=300)
+    assert outcome.code == 1, outcome.stdout + outcome.stderr
+    assert "in the harness and in the origin's process, which may have 300" in outcome.stdout
+
+
+def test_idle_tunnels_take_no_request_load(tmp_path: Path) -> None:
+    outcome = run_loadtest(tmp_path, "idle-tunnels", *SHORT, "--rate", "10")
+    assert outcome.code == 2
+    assert "--rate" in outcome.stderr
+    outcome = run_loadtest(tmp_path, "http-keepalive", *SHORT, "--tunnels", "10")
+    assert outcome.code == 2
+    assert "--tunnels is for the idle-tunnels scenario" in outcome.stderr
 
 
 def test_faults_follow_the_schedule_and_leak_nothing(tmp_path: Path) -> None:
