@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,9 @@ from gateway.check_command import run_check
 from gateway.workers import WorkerRole, supervise, workers_refusal
 
 __all__ = ["main"]
+
+#: The open files limit asked for when the hard limit is "unlimited" (Linux's usual ceiling).
+_OPEN_FILES_WITHOUT_LIMIT = 1 << 20
 
 log = logging.getLogger("proxygate")
 
@@ -50,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         drain = settings.gateway.drain_timeout
         return runner(supervise(argv, args.workers, drain_timeout=drain))
+    _raise_open_files_limit()
     try:
         return runner(_run(settings, role))
     except StartupError as exc:
@@ -208,3 +213,19 @@ def _configure_logging(level: str, role: WorkerRole | None) -> None:
     if level != "debug":
         # Alembic tells of every plugin it loads at info; `db upgrade` says what it did itself.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _raise_open_files_limit() -> None:
+    """Every tunnel holds two open files: take the soft limit up to the hard one (often 1,024
+    against 500,000 or more), or a busy gateway refuses clients at a few hundred tunnels."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = _OPEN_FILES_WITHOUT_LIMIT
+    if soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays at %d (hard limit %d): %s", soft, hard, exc)
+        return
+    log.debug("open files limit raised from %d to %d", soft, hard)

@@ -3,6 +3,7 @@ all protocols (authenticate, route, check the destination, lease and dial with r
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class GatewayContext:
         """This process's own figures, for the admin API."""
         budget = self.retry_budget
         return {
+            "tasks": len(asyncio.all_tasks()),
             "upstream_connections": asdict(self.connections.stats),
             "retry_budget": {"peak": budget.peak, "denied": budget.denied},
         }

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -170,9 +171,13 @@ async def test_the_command_serves_and_exits_0_on_sigterm(origin: Origin, tmp_pat
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=_low_open_files_limit,
         )
     try:
         await wait_accepting(process, port)
+        # Started with a low soft limit, the gateway took it up to the hard one.
+        soft, hard = _open_files_limits(process.pid)
+        assert soft == hard != "256"
         status, headers, body = await fetch(origin.url_for("/echo"), f"http://127.0.0.1:{port}")
         assert status == 200
         assert json.loads(body)["path"] == "/echo"
@@ -188,3 +193,16 @@ async def test_the_command_serves_and_exits_0_on_sigterm(origin: Origin, tmp_pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def _low_open_files_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no open files limit in /proc")

@@ -208,6 +208,7 @@ async def test_the_admin_api_reports_kept_connections(
     assert body["upstream_connections"] == stats(gateway)
     assert (body["upstream_connections"]["reused"], body["upstream_connections"]["idle"]) == (2, 1)
     assert body["retry_budget"] == {"peak": 0, "denied": 0}
+    assert body["tasks"] >= 1  # this process's asyncio tasks, the admin request's among them
 
 
 class StallingOrigin(TcpServer):

@@ -260,7 +260,7 @@ async def test_healthz_and_stats(start_gateway: StartGateway, origin: Origin) ->
                 assert response.status == 200
                 assert response.content_type == "application/json"
                 body = await response.json()
-            assert set(body) == {"pools", "upstream_connections", "retry_budget"}
+            assert set(body) == {"pools", "tasks", "upstream_connections", "retry_budget"}
             pools: dict[str, dict[str, Any]] = body["pools"]
             return pools
 
