@@ -25,6 +25,7 @@ from loadtest.loadgen import LoadResult, LoadSpec, Progress, run_load
 from loadtest.procstat import ProcSample, set_affinity
 from loadtest.rig import Rig
 from loadtest.scenarios import Scenario
+from loadtest.scratch_storage import scratch_storage
 from loadtest.targets import (
     GatewayConfig,
     GatewayRefused,
@@ -353,8 +354,9 @@ async def run_scenario(options: Options, log: Callable[[str], None]) -> tuple[Ri
     try:
         if scenario.name == "storage":
             for url in options.storages:
-                config = gateway_config(options, fleet_urls(rig), url)
-                runs.append(await measure("proxygate", url, 1, options, rig, config, log))
+                async with scratch_storage(url, options.workdir) as scratch:
+                    config = gateway_config(options, fleet_urls(rig), scratch)
+                    runs.append(await measure("proxygate", url, 1, options, rig, config, log))
         elif scenario.name == "scale":
             for size in options.pool_sizes:
                 config = gateway_config(options, fleet_urls(rig, size), "memory://")

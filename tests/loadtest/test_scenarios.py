@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from loadtest.peers import PEERS, installed
 from tests.conftest import skip_or_fail
 from tests.loadtest.harness import SHORT, assert_no_leak, assert_run_record, run_loadtest
+from tests.storage.scratch import POSTGRES_URL, postgres_unavailable
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -306,3 +309,38 @@ def test_nginx_origin(tmp_path: Path) -> None:
     (run,) = outcome.proxygate_runs()
     assert run["errors"] == {}
     assert_no_leak(outcome)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///", POSTGRES_URL])
+def test_storage_runs_an_sql_storage_on_a_fresh_schema_and_cleans_up(
+    tmp_path: Path, url: str
+) -> None:
+    postgres = url.startswith("postgres")
+    if postgres and (reason := asyncio.run(postgres_unavailable())) is not None:
+        skip_or_fail(reason)
+    before = _loadtest_schemas() if postgres else set()
+    outcome = run_loadtest(
+        tmp_path, "storage", *SHORT, "-c", "4", "--storage", "memory://", "--storage", url
+    )
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    runs = outcome.proxygate_runs()
+    assert [run["label"] for run in runs] == ["memory://", url]
+    for run in runs:
+        assert_run_record(run)
+        assert run["leases"]["leaked"] == 0
+    if postgres:
+        assert _loadtest_schemas() == before  # the run's own schema is gone again
+
+
+def _loadtest_schemas() -> set[str]:
+    async def names() -> set[str]:
+        connection = await asyncpg.connect(POSTGRES_URL)
+        try:
+            rows = await connection.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'loadtest_%'"
+            )
+        finally:
+            await connection.close()
+        return {row["nspname"] for row in rows}
+
+    return asyncio.run(names())
