@@ -6,14 +6,15 @@ into a plain predicate for the in-process path.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.endpoints import Scheme
-from core.models import Upstream
+from core.models import LeaseRequest, Upstream
 
-__all__ = ["Filter", "GeoRadius", "Predicate"]
+__all__ = ["Filter", "GeoRadius", "Predicate", "restricted_to_country"]
 
 Predicate = Callable[[Upstream], bool]
 
@@ -118,3 +119,15 @@ def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     dlambda = math.radians(lon2 - lon1)
     a = math.sin(dphi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(dlambda / 2) ** 2
     return 2 * _EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def restricted_to_country(request: LeaseRequest, country: str) -> LeaseRequest:
+    """`request` narrowed to upstreams of `country` (a session rebinding to its old country)."""
+    filters = request.filters
+    if filters is None:
+        filters = Filter(country=country)
+    elif filters.country is None:
+        filters = dataclasses.replace(filters, country=country)
+    elif filters.country != country.upper():
+        filters = Filter(all_of=(filters, Filter(country=country)))  # matches nothing: says so
+    return dataclasses.replace(request, filters=filters)

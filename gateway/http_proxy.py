@@ -303,7 +303,45 @@ async def _carry(
     dialed = leased.dialed
     exchange: Exchange | None = None
     try:
-        exchange = _start_exchange(ctx, client, parser, held, head, fields, leased, retry=retry)
+        upstream_is_proxy = dialed.mode is DialMode.FORWARD
+        # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
+        headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
+        headers.append((b"Host", _authority(head.host, head.port).encode()))
+        headers.append((b"Via", ctx.via))
+        if head.chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if not ctx.connections.enabled:
+            # One request per upstream connection, so its end of message is never in doubt.
+            headers.append((b"Connection", b"close"))
+        if upstream_is_proxy:
+            target = head.target
+            endpoint = leased.lease.upstream.endpoint
+            if endpoint.has_credentials:
+                headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
+        else:
+            target = head.path
+        if not client.eof:  # a client that left during the dial is owed nothing upstream
+            dialed.channel.write(serialize_request_head(head.method, target, headers))
+        exchange = Exchange(
+            client=client,
+            upstream=dialed.channel,
+            request_parser=parser,
+            held=held,
+            method=head.method,
+            chunked_request=head.chunked,
+            client_keep_alive=head.keep_alive,
+            client_version=head.http_version,
+            via=ctx.via,
+            idle_timeout=ctx.settings.idle_timeout,
+            response_timeout=ctx.settings.response_timeout,
+            upstream_is_proxy=upstream_is_proxy,
+            # On a retry the request's end was read from the client already (only bodiless
+            # requests are retried).
+            request_done=retry,
+            extra_headers=rebound_headers(leased.lease),
+        )
+        if dialed.early:
+            dialed.channel.buffer[:0] = dialed.early
         end = await exchange.run()
     finally:
         if exchange is not None and exchange.upstream_reusable:
@@ -314,60 +352,6 @@ async def _carry(
             dialed.channel.close()
         await ctx.give_back(leased.lease)
     return end, exchange
-
-
-def _start_exchange(
-    ctx: GatewayContext,
-    client: Channel,
-    parser: RequestParser,
-    held: deque[RequestEvent],
-    head: RequestHead,
-    fields: ForwardHeaders,
-    leased: Leased,
-    *,
-    retry: bool,
-) -> Exchange:
-    """Send the request head and set up its exchange. On a `retry` the request's end has
-    already been read from the client (only bodiless requests are retried)."""
-    dialed = leased.dialed
-    upstream_is_proxy = dialed.mode is DialMode.FORWARD
-    # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
-    headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
-    headers.append((b"Host", _authority(head.host, head.port).encode()))
-    headers.append((b"Via", ctx.via))
-    if head.chunked:
-        headers.append((b"Transfer-Encoding", b"chunked"))
-    if not ctx.connections.enabled:
-        # One request per upstream connection, so its end of message is never in doubt.
-        headers.append((b"Connection", b"close"))
-    if upstream_is_proxy:
-        target = head.target
-        endpoint = leased.lease.upstream.endpoint
-        if endpoint.has_credentials:
-            headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
-    else:
-        target = head.path
-    if not client.eof:  # a client that left during the dial is owed nothing upstream
-        dialed.channel.write(serialize_request_head(head.method, target, headers))
-    exchange = Exchange(
-        client=client,
-        upstream=dialed.channel,
-        request_parser=parser,
-        held=held,
-        method=head.method,
-        chunked_request=head.chunked,
-        client_keep_alive=head.keep_alive,
-        client_version=head.http_version,
-        via=ctx.via,
-        idle_timeout=ctx.settings.idle_timeout,
-        response_timeout=ctx.settings.response_timeout,
-        upstream_is_proxy=upstream_is_proxy,
-        request_done=retry,
-        extra_headers=rebound_headers(leased.lease),
-    )
-    if dialed.early:
-        dialed.channel.buffer[:0] = dialed.early
-    return exchange
 
 
 def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:

@@ -36,14 +36,16 @@ _Key = tuple[str, str, int]
 
 @dataclass(frozen=True, slots=True)
 class KeepAliveLimits:
+    """The `gateway.keepalive_*` settings (their defaults live there)."""
+
     #: Idle connections kept per key; 0 turns reuse off (one connection per request).
-    max_idle: int = 32
+    max_idle: int
     #: Idle connections kept in all, whatever their key.
-    max_idle_total: int = 256
+    max_idle_total: int
     #: Seconds a connection may stay idle before it is closed.
-    idle_timeout: float = 15.0
+    idle_timeout: float
     #: Requests one connection may carry before it is closed.
-    max_uses: int = 100
+    max_uses: int
 
 
 @dataclass(slots=True)

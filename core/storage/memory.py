@@ -7,7 +7,6 @@ lease leaves no trace, so the millionth acquire costs what the first did.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import random
@@ -24,7 +23,7 @@ from core.errors import (
     SessionFailed,
     UpstreamNotFound,
 )
-from core.filters import Filter
+from core.filters import Filter, restricted_to_country
 from core.health import HealthRecord, HealthUpdate, RecordSource, Transition
 from core.models import (
     HealthStatus,
@@ -484,7 +483,7 @@ class MemoryStorage:
             and parted.country is not None
             and pool.on_sticky_failure is StickyFailure.REBIND_MATCHING
         ):
-            request = _with_country(request, parted.country)
+            request = restricted_to_country(request, parted.country)
         slot = self._pick(state, request)
         if slot is None:
             return None
@@ -611,14 +610,3 @@ class MemoryStorage:
         if upstream.country is not None:
             state.by_country.get(upstream.country, {}).pop(upstream.id, None)
         state.by_scheme.get(upstream.scheme.value, {}).pop(upstream.id, None)
-
-
-def _with_country(request: LeaseRequest, country: str) -> LeaseRequest:
-    filters = request.filters
-    if filters is None:
-        filters = Filter(country=country)
-    elif filters.country is None:
-        filters = dataclasses.replace(filters, country=country)
-    elif filters.country != country.upper():
-        filters = Filter(all_of=(filters, Filter(country=country)))  # matches nothing: says so
-    return dataclasses.replace(request, filters=filters)

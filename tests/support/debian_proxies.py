@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from loadtest.procs import wait_listening
 from tests.conftest import skip_or_fail
 from tests.support.net import free_port, is_loopback
 
@@ -209,7 +210,7 @@ async def _start(
         proxy = RunningProxy(name, scheme, host, port, egress, auth, process, output_path)
         if name == "tinyproxy":
             proxy.log_path = directory / "tinyproxy.log"
-        if await _wait_listening(process, host, port):
+        if await wait_listening(process, host, port, START_TIMEOUT):
             return proxy
         await stop_process(process)
         failure = proxy.output()
@@ -231,21 +232,6 @@ def _spawn(command: list[str], output_path: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-async def _wait_listening(process: subprocess.Popen[bytes], host: str, port: int) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            await asyncio.sleep(0.02)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
-    return False
 
 
 async def stop_process(process: subprocess.Popen[bytes]) -> None:

@@ -7,7 +7,6 @@ order, written against rows.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import NoUpstreamAvailable, SessionFailed
-from core.filters import Filter
+from core.filters import Filter, restricted_to_country
 from core.models import HealthStatus, Lease, LeaseRequest, Pool, Selector, StickyFailure
 from core.storage.sql.filters import to_sql
 from core.storage.sql.rows import decode_pool, lease_from_row, upstream_from_row
@@ -311,7 +310,7 @@ async def _acquire_session(
         and parted.country is not None
         and pool.on_sticky_failure is StickyFailure.REBIND_MATCHING
     ):
-        request = _with_country(request, parted.country)
+        request = restricted_to_country(request, parted.country)
     picked = await pick(conn, flavor, pool, request)
     if picked is None:
         return None
@@ -394,17 +393,6 @@ async def _forget_parted(conn: AsyncConnection, key: _SessionKey) -> None:
 def _parted_key(key: _SessionKey) -> list[Any]:
     table = parted_sessions.c
     return [table.pool == key[0], table.consumer == key[1], table.session == key[2]]
-
-
-def _with_country(request: LeaseRequest, country: str) -> LeaseRequest:
-    filters = request.filters
-    if filters is None:
-        filters = Filter(country=country)
-    elif filters.country is None:
-        filters = dataclasses.replace(filters, country=country)
-    elif filters.country != country.upper():
-        filters = Filter(all_of=(filters, Filter(country=country)))  # matches nothing: says so
-    return dataclasses.replace(request, filters=filters)
 
 
 # -- renew and expiry -----------------------------------------------------------------------
