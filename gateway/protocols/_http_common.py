@@ -63,7 +63,11 @@ class HttpProtocolError(Exception):
         return f"HttpProtocolError({self.args[0]!r}, status={self.status})"
 
 
-@dataclass(slots=True, frozen=True)
+# The events below are read-only by convention, not frozen: a frozen dataclass sets each field
+# through object.__setattr__, which made building a head cost more than parsing it.
+
+
+@dataclass(slots=True)
 class RequestHead:
     """A request head as the proxy needs it.
 
@@ -88,7 +92,7 @@ class RequestHead:
     chunked: bool
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class ResponseHead:
     """A response head. Status 100..199 other than 101 is interim: no body and no end follow."""
 
@@ -101,21 +105,21 @@ class ResponseHead:
     chunked: bool
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class BodyData:
     """A piece of the decoded body: chunk framing removed, transfer-coding independent."""
 
     data: bytes
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class RequestEnd:
     """End of a request. `trailers` holds the trailer fields of a chunked body."""
 
     trailers: Headers = ()
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class ResponseEnd:
     """End of a response. `trailers` holds the trailer fields of a chunked body."""
 

@@ -52,6 +52,20 @@ _PLAIN_HTTP_TARGET = re.compile(
     r"[Hh][Tt][Tt][Pp]://((?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?)(?::([1-9][0-9]{0,4}))?"
     r"([/?][^#]*)?"
 )
+# Strict shapes of a head that may skip llhttp: known methods, RFC 3986 target characters
+# (no fragment, no IPv6 brackets), field names of token characters, field values of visible
+# ASCII, spaces and tabs. Everything else (obs-text, folding, bare LF, ...) goes to llhttp.
+_FAST_FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*[\t\x20-\x7e]*\r\n"
+_FAST_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e]*)\r\n")
+_FAST_REQUEST = re.compile(
+    rb"(?P<code>GET|HEAD|POST|PUT|DELETE|CONNECT|OPTIONS|TRACE|PATCH) "
+    rb"(?P<text>[A-Za-z0-9\-._~:/?@!$&'()*+,;=%]+) HTTP/1\.(?P<minor>[01])\r\n"
+    rb"(?P<fields>(?:" + _FAST_FIELD_LINE + rb")*)\r\n"
+)
+_FAST_RESPONSE = re.compile(
+    rb"HTTP/1\.(?P<minor>[01]) (?P<code>[1-9][0-9][0-9]) (?P<text>[\t\x20-\x7e]*)\r\n"
+    rb"(?P<fields>(?:" + _FAST_FIELD_LINE + rb")*)\r\n"
+)
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Everything a field value may not contain: controls except HTAB, and DEL (RFC 9110 §5.5).
@@ -122,11 +136,15 @@ def _codings(transfer_encoding: bytes) -> list[bytes]:
 class _Collector:
     """llhttp callbacks. A separate object, so parser -> llhttp -> callbacks makes no cycle."""
 
-    __slots__ = ("complete", "done", "headers", "reason", "special", "url")
+    __slots__ = ("code", "complete", "done", "headers", "reason", "special", "url", "version")
 
     def __init__(self) -> None:
         self.url = b""
         self.reason = b""
+        #: Set once the head is complete: the HTTP version, and the method (requests, bytes)
+        #: or the status code (responses).
+        self.version = ""
+        self.code: bytes | int = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.special: list[tuple[int, bytes]] = []
         self.done = False
@@ -213,6 +231,8 @@ class _Parser(Generic[_E]):
         "_tunnel",
     )
 
+    #: A whole head in the strict shape `_fast_head` takes (groups code, text, minor, fields).
+    _FAST_HEAD: ClassVar[re.Pattern[bytes]]
     #: Replaces every status hint (responses: a bad upstream answer is a 502 for our client).
     _STATUS: ClassVar[int | None] = None
     _WHAT: ClassVar[str] = "message"
@@ -303,8 +323,37 @@ class _Parser(Generic[_E]):
     def _new_llhttp(self) -> _LLHttp:
         raise NotImplementedError
 
-    def _on_head(self, parser: _LLHttp, out: list[Any], block: int) -> None:
+    def _on_head(self, out: list[Any], block: int) -> None:
+        """Turn the head collected in `_c` into events; `block` is its header section size."""
         raise NotImplementedError
+
+    def _code(self, parser: _LLHttp) -> bytes | int:
+        """What llhttp read from the start line: the method or the status code."""
+        raise NotImplementedError
+
+    def _fast_head(self, head: _Buffer) -> bool:
+        """Collect a complete head of the usual strict shape without llhttp (False: not of
+        that shape, for llhttp to judge). Only a subset of what llhttp accepts passes here,
+        so the two paths never disagree on what is valid; llhttp's per-field callbacks are
+        what most of a small exchange's parsing cost was."""
+        match = self._FAST_HEAD.fullmatch(head)
+        if match is None:
+            return False
+        code, text, minor, fields = match.group("code", "text", "minor", "fields")
+        c = self._c
+        c.version = "1.1" if minor == b"1" else "1.0"
+        if self._WHAT == "request":
+            c.code, c.url = code, text
+        else:
+            c.code, c.reason = int(code), text
+        on_header = c.on_header
+        for name, value in _FAST_FIELD.findall(fields):
+            on_header(name, value)
+        codings = [value for kind, value in c.special if kind == _TRANSFER_ENCODING]
+        if codings and (len(codings) > 1 or codings[0].lower() != b"chunked"):
+            c.reset()  # llhttp judges any transfer coding but a lone chunked
+            return False
+        return True
 
     def _on_end(self, out: list[Any], trailers: Headers) -> None:
         raise NotImplementedError
@@ -335,6 +384,11 @@ class _Parser(Generic[_E]):
             raise self._fail("header section too large", 431)
 
         c = self._c
+        if base == 0 and end >= 0 and self._llhttp is None and self._fast_head(data[pos:end]):
+            self._on_head(out, size - self._start_line)
+            self._start_line = -1
+            c.reset()
+            return end
         parser = self._llhttp
         if parser is None:
             parser = self._llhttp = self._new_llhttp()
@@ -366,7 +420,9 @@ class _Parser(Generic[_E]):
         # llhttp is back at a message start only if it saw the whole message, i.e. no body.
         if paused or not c.complete:
             self._llhttp = None
-        self._on_head(parser, out, size - self._start_line)
+        c.version = parser.get_http_version()
+        c.code = self._code(parser)
+        self._on_head(out, size - self._start_line)
         self._start_line = -1
         c.reset()
         return end
@@ -545,6 +601,7 @@ class RequestParser(_Parser[RequestEvent]):
     __slots__ = ()
 
     _WHAT = "request"
+    _FAST_HEAD = _FAST_REQUEST
 
     def _new_llhttp(self) -> _LLHttp:
         return httptools.HttpRequestParser(self._c)
@@ -565,12 +622,16 @@ class RequestParser(_Parser[RequestEvent]):
             return []
         raise self._set_error(self._fail("connection closed in the middle of a request"))
 
-    def _on_head(self, parser: _LLHttp, out: list[Any], block: int) -> None:
-        version = parser.get_http_version()
+    def _code(self, parser: _LLHttp) -> bytes:
+        assert isinstance(parser, httptools.HttpRequestParser)
+        return parser.get_method()
+
+    def _on_head(self, out: list[Any], block: int) -> None:
+        version = self._c.version
         if version != "1.1" and version != "1.0":
             raise self._fail("unsupported HTTP version", 505)
-        assert isinstance(parser, httptools.HttpRequestParser)
-        raw_method = parser.get_method()
+        raw_method = self._c.code
+        assert isinstance(raw_method, bytes)
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         headers = tuple(self._c.headers)
         info = self._scan_fields(headers, block)
@@ -667,6 +728,7 @@ class ResponseParser(_Parser[ResponseEvent]):
 
     _STATUS = 502
     _WHAT = "response"
+    _FAST_HEAD = _FAST_RESPONSE
 
     def __init__(self, request_method: str) -> None:
         super().__init__()
@@ -723,12 +785,16 @@ class ResponseParser(_Parser[ResponseEvent]):
         self._final = True
         self._step = _Parser._step_hold
 
-    def _on_head(self, parser: _LLHttp, out: list[Any], block: int) -> None:
-        version = parser.get_http_version()
+    def _code(self, parser: _LLHttp) -> int:
+        assert isinstance(parser, httptools.HttpResponseParser)
+        return parser.get_status_code()
+
+    def _on_head(self, out: list[Any], block: int) -> None:
+        version = self._c.version
         if version != "1.1" and version != "1.0":
             raise self._fail("unsupported HTTP version")
-        assert isinstance(parser, httptools.HttpResponseParser)
-        status = parser.get_status_code()
+        status = self._c.code
+        assert isinstance(status, int)
         if not 100 <= status <= 599:
             raise self._fail("invalid status code")
         raw_reason = self._c.reason
