@@ -25,13 +25,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
 
 from core.backlog import Backlog, LeaseWrite, OutcomeWrite
 from core.clock import Clock, SystemClock
 from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable
 from core.health import HealthUpdate, RecordSource, Transition
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
-from core.storage.interface import Storage
+from core.storage.interface import ImmediateLeasing, Storage
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
 
@@ -107,6 +108,7 @@ class LeaseManager:
         # sweep last went through.
         self._down_since: float | None = None
         self._last_sweep: float | None = None
+        self._immediate = _immediate(storage)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -156,6 +158,9 @@ class LeaseManager:
         Raises PoolNotFound, or NoUpstreamAvailable (at once when nothing could ever match,
         after `timeout` when everything stayed busy).
         """
+        lease = self.acquire_now(request)
+        if lease is not None:
+            return lease
         offer = True
         if request.session is not None or not self._waiters.get(request.pool):
             lease = await self.storage.acquire(
@@ -172,6 +177,45 @@ class LeaseManager:
         started = time.perf_counter()
         lease = await self._wait(request, timeout, started, offer=offer)
         return await self._acquired(lease, time.perf_counter() - started)
+
+    def acquire_now(self, request: LeaseRequest) -> Lease | None:
+        """Lease without awaiting, when the storage can and nothing else needs to happen:
+        no session, nobody waiting in line, no callbacks. None means nothing was leased here;
+        `acquire` then does it all (the storage's errors are raised as `acquire` raises them).
+        """
+        storage = self._immediate
+        if (
+            storage is None
+            or request.session is not None
+            or self._on_acquire
+            or self._waiters.get(request.pool)
+        ):
+            return None
+        lease = storage.acquire_now(request, holder=self.instance_id, now=self.clock.now())
+        if lease is not None:
+            self._in_use[lease.id] = lease
+            self._upstreams[lease.upstream.id] = lease.upstream
+        return lease
+
+    def put_back_now(self, lease: Lease) -> bool:
+        """Release a lease without a session without awaiting, when nothing else needs to
+        happen (nobody waiting in line for its capacity, no callbacks, nothing kept for an
+        unavailable storage). False: nothing was done; `put_back` does it all."""
+        storage = self._immediate
+        if (
+            storage is None
+            or lease.session is not None
+            or self._on_release
+            or self._waiters.get(lease.pool)
+            or self._backlog
+            or lease.id in self._lost
+        ):
+            return False
+        self._in_use.pop(lease.id, None)
+        if not storage.release_now(lease):
+            self.double_releases += 1
+            log.debug("lease %s released twice (or after it expired)", lease.id)
+        return True
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
         self._in_use[lease.id] = lease
@@ -585,3 +629,12 @@ class LeaseManager:
                 len(lost),
                 silence,
             )
+
+
+def _immediate(storage: Storage) -> ImmediateLeasing | None:
+    # Asked of the class, not the object: a wrapper that forwards attribute lookups (one that
+    # fails calls on purpose, say) must keep every call going through its awaited methods.
+    kind = type(storage)
+    if all(callable(getattr(kind, name, None)) for name in ("acquire_now", "release_now")):
+        return cast(ImmediateLeasing, storage)
+    return None

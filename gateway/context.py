@@ -10,7 +10,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from config import GatewaySettings, Users
-from core.errors import NoUpstreamAvailable, PoolNotFound, SessionFailed, StorageUnavailable
+from core.errors import (
+    CoreError,
+    NoUpstreamAvailable,
+    PoolNotFound,
+    SessionFailed,
+    StorageUnavailable,
+)
 from core.filters import Filter
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
@@ -63,6 +69,8 @@ class GatewayContext:
     draining: bool = False
     #: Client connections waiting between requests, closed at once when draining begins.
     idle_clients: set[Channel] = field(default_factory=set)
+    #: Leases being given back in tasks of their own (from callbacks, where that had to wait).
+    _giving_back: set[asyncio.Task[bool]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.policy = DialPolicy(
@@ -158,22 +166,31 @@ class GatewayContext:
         tunnel: bool,
         avoid: frozenset[str] = frozenset(),
         reuse: bool = False,
+        lease: Lease | None = None,
     ) -> Leased:
         """Lease an upstream (none of `avoid`) and reach host:port through it, trying other
         upstreams of the pool while attempts fail before any request byte was sent and the
         pool's retry budget allows. With `reuse` (plain HTTP requests only) a kept connection
-        to the leased upstream is lent when there is one. Every success must be followed by
+        to the leased upstream is lent when there is one. `lease`, taken for this request
+        already (`lease_now`), serves the first attempt. Every success must be followed by
         `give_back`."""
         budget = self.retry_budget
         budget.request_started(route.pool)
         try:
-            return await self._attempts(route, host, port, tunnel, set(avoid), reuse)
+            return await self._attempts(route, host, port, tunnel, set(avoid), reuse, lease)
         except BaseException:
             budget.request_ended(route.pool)
             raise
 
     async def _attempts(
-        self, route: Route, host: str, port: int, tunnel: bool, tried: set[str], reuse: bool
+        self,
+        route: Route,
+        host: str,
+        port: int,
+        tunnel: bool,
+        tried: set[str],
+        reuse: bool,
+        lease: Lease | None,
     ) -> Leased:
         budget = self.retry_budget
         last_error: UpstreamError | None = None
@@ -184,7 +201,8 @@ class GatewayContext:
                 log.info("pool %s: retry budget spent, not retrying", route.pool)
                 raise last_error
             try:
-                return await self._attempt(route, host, port, tunnel, tried, reuse)
+                taken, lease = lease, None
+                return await self._attempt(route, host, port, tunnel, tried, reuse, taken)
             except NoUpstream:
                 if last_error is not None:
                     raise last_error from None  # every upstream left has been tried
@@ -211,27 +229,20 @@ class GatewayContext:
             raise StorageDown() from None
 
     async def _attempt(
-        self, route: Route, host: str, port: int, tunnel: bool, tried: set[str], reuse: bool
+        self,
+        route: Route,
+        host: str,
+        port: int,
+        tunnel: bool,
+        tried: set[str],
+        reuse: bool,
+        lease: Lease | None,
     ) -> Leased:
-        """One lease and dial; a failed dial's upstream joins `tried`."""
+        """One lease (unless taken already) and dial; a failed dial's upstream joins
+        `tried`."""
         manager = self.manager
-        request = LeaseRequest(
-            route.pool,
-            consumer=route.consumer,
-            session=route.session,
-            filters=_filters(route.country, tried),
-            session_ttl=route.session_ttl,
-        )
-        try:
-            lease = await manager.acquire(request, self.settings.acquire_timeout)
-        except PoolNotFound:
-            raise UnknownPool(route.pool) from None
-        except NoUpstreamAvailable as exc:
-            raise NoUpstream(exc.reason) from None
-        except SessionFailed as exc:
-            raise SessionLost(exc.upstream_id) from None
-        except StorageUnavailable:
-            raise StorageDown() from None
+        if lease is None:
+            lease = await self._acquire(route, tried)
         # Giving back (put_back, report) never fails for want of storage: the lease manager
         # keeps what the storage cannot take yet until it answers again.
         if reuse:
@@ -277,6 +288,25 @@ class GatewayContext:
         await manager.report(lease.upstream.id, Outcome.OK, dialed.connect_latency)
         return Leased(lease, dialed)
 
+    async def _acquire(self, route: Route, tried: set[str]) -> Lease:
+        request = LeaseRequest(
+            route.pool,
+            consumer=route.consumer,
+            session=route.session,
+            filters=_filters(route.country, tried),
+            session_ttl=route.session_ttl,
+        )
+        try:
+            return await self.manager.acquire(request, self.settings.acquire_timeout)
+        except PoolNotFound:
+            raise UnknownPool(route.pool) from None
+        except NoUpstreamAvailable as exc:
+            raise NoUpstream(exc.reason) from None
+        except SessionFailed as exc:
+            raise SessionLost(exc.upstream_id) from None
+        except StorageUnavailable:
+            raise StorageDown() from None
+
     async def tunnel(
         self,
         client: Channel,
@@ -306,10 +336,40 @@ class GatewayContext:
             leased.dialed.channel.close()
             await self.give_back(leased.lease)
 
+    def lease_now(self, route: Route) -> Lease | None:
+        """For a plain HTTP request without a session: a lease got without awaiting, or None
+        when that needs waiting (or an answer from the storage), which `lease_and_dial` then
+        does. A lease got here is handed to `lease_and_dial` (`lease=`), or given back with
+        `give_back_soon` once `begin_use` counted it."""
+        if route.session is not None:
+            return None
+        request = LeaseRequest(
+            route.pool, consumer=route.consumer, filters=_filters(route.country, _NONE_TRIED)
+        )
+        try:
+            return self.manager.acquire_now(request)
+        except CoreError:
+            return None  # lease_and_dial meets it again, and answers it
+
+    def begin_use(self, pool: str) -> None:
+        """A request started using a lease from `lease_now` itself (`lease_and_dial` counts
+        its own)."""
+        self.retry_budget.request_started(pool)
+
     async def give_back(self, lease: Lease) -> None:
         """End a request's use of its lease (a session's lease stays bound to it)."""
         self.retry_budget.request_ended(lease.pool)
-        await self.manager.put_back(lease)
+        if not self.manager.put_back_now(lease):
+            await self.manager.put_back(lease)
+
+    def give_back_soon(self, lease: Lease) -> None:
+        """`give_back` from a callback: done at once where leasing allows it."""
+        self.retry_budget.request_ended(lease.pool)
+        if self.manager.put_back_now(lease):
+            return
+        task = asyncio.get_running_loop().create_task(self.manager.put_back(lease))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
 
 def _filters(country: str | None, tried: set[str]) -> Filter | None:
@@ -319,6 +379,7 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
     return Filter(country=country, predicate=lambda upstream: upstream.id not in excluded)
 
 
+_NONE_TRIED: set[str] = set()
 _LOCALHOST = ipaddress.ip_address("127.0.0.1")
 _ALLOWED_DESTINATIONS_KEPT = 4096
 _NOT_IN_IP_LITERALS = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")

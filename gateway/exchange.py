@@ -2,14 +2,16 @@
 
 The request head has been parsed and sent; from then on everything happens in the channels'
 `data_received`: request body pieces are re-framed into the upstream, response events are
-re-framed back to the client, and the owning coroutine sleeps on one future until the exchange
-ends. Pipelined requests that arrive meanwhile are parsed and held for later.
+re-framed back to the client, and the owner either sleeps on one future until the exchange ends
+(`run`) or is called back then (`start`). Pipelined requests that arrive meanwhile are parsed
+and held for later.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
 
 from core.models import Outcome
@@ -78,14 +80,15 @@ class Exchange:
         "_client",
         "_client_keep_alive",
         "_client_version",
-        "_done",
         "_extra_headers",
+        "_finished",
         "_forward_auth_check",
         "_held",
         "_idle_timeout",
         "_idle_timer",
         "_last_progress",
         "_method",
+        "_on_done",
         "_quiet_checks",
         "_rechunk_response",
         "_request_done",
@@ -96,6 +99,7 @@ class Exchange:
         "_upstream",
         "_upstream_keep_alive",
         "_via",
+        "_waiter",
         "bytes_down",
         "bytes_up",
         "end",
@@ -139,7 +143,9 @@ class Exchange:
         self._request_done = request_done
         self._extra_headers = extra_headers
         self._rechunk_response = False
-        self._done: asyncio.Future[None] = client.loop.create_future()
+        self._finished = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_done: Callable[[Exchange], None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._response_timeout = response_timeout
         self._response_timer: asyncio.TimerHandle | None = None
@@ -158,31 +164,39 @@ class Exchange:
 
     async def run(self) -> ExchangeEnd:
         """Carry the request body and the response; return how it ended."""
+        try:
+            self.start()
+            if not self._finished:
+                self._waiter = self._client.loop.create_future()
+                await self._waiter
+        finally:
+            self._detach()
+        return self.end
+
+    def start(self, on_done: Callable[[Exchange], None] | None = None) -> None:
+        """Take over both channels' callbacks; `on_done` is called once the exchange ended
+        (`end`) and let go of them. Bytes the channels buffered meanwhile are handled first."""
+        self._on_done = on_done
         client, upstream = self._client, self._upstream
         upstream.set_sink(self._from_upstream, on_eof=self._upstream_eof, on_lost=self._lost)
         client.set_sink(self._from_client, on_eof=self._client_eof, on_lost=self._lost)
         upstream.on_write_pressure(client.pause_reading, client.resume_reading)
         client.on_write_pressure(upstream.pause_reading, upstream.resume_reading)
-        try:
-            # Body pieces parsed together with the head, then bytes read but not yet parsed.
-            while self._held and not self._request_done:
-                self._on_request_event(self._held.popleft())
-            if self._request_done:
-                self._await_response()
-            else:
-                self._watch_idle()  # a body to carry; until it ends, only progress tells
-            if client.buffer and not self._done.done():
-                self._from_client(client.take_buffer())
-            if client.eof and not self._done.done():
-                self._client_eof()  # left while the upstream was being dialed
-            if upstream.buffer and not self._done.done():
-                self._from_upstream(upstream.take_buffer())
-            if upstream.eof and not self._done.done():
-                self._upstream_eof()
-            await self._done
-        finally:
-            self._detach()
-        return self.end
+        # Body pieces parsed together with the head, then bytes read but not yet parsed.
+        while self._held and not self._request_done:
+            self._on_request_event(self._held.popleft())
+        if self._request_done:
+            self._await_response()
+        else:
+            self._watch_idle()  # a body to carry; until it ends, only progress tells
+        if client.buffer and not self._finished:
+            self._from_client(client.take_buffer())
+        if client.eof and not self._finished:
+            self._client_eof()  # left while the upstream was being dialed
+        if upstream.buffer and not self._finished:
+            self._from_upstream(upstream.take_buffer())
+        if upstream.eof and not self._finished:
+            self._upstream_eof()
 
     # -- client side --------------------------------------------------------------------------
 
@@ -240,7 +254,7 @@ class Exchange:
                 self._response_timer.cancel()
                 self._response_timer = None
             self._feed_response(data)
-            if not self._done.done():
+            if not self._finished:
                 self._watch_idle()  # a response longer than one read: watch it progress
             return
         self._feed_response(data)
@@ -255,7 +269,7 @@ class Exchange:
         # body and end usually arrive together, and each write is a system call.
         out: list[bytes] = []
         for event in events:
-            if self._done.done():
+            if self._finished:
                 break  # e.g. the body of an upstream's 407: not the client's
             if isinstance(event, BodyData):
                 self.bytes_down += len(event.data)
@@ -339,7 +353,7 @@ class Exchange:
             self._finish(ExchangeEnd.UPSTREAM_FAILED)
 
     def _lost(self, exc: BaseException | None) -> None:
-        if self._done.done():
+        if self._finished:
             return
         if self._upstream.closed and not self._client.closed:
             self._upstream_broke(Outcome.RESET)
@@ -369,14 +383,19 @@ class Exchange:
         self._idle_timer = self._client.loop.call_later(self._idle_timeout / 4, self._check_idle)
 
     def _finish(self, end: ExchangeEnd) -> None:
-        if self._done.done():
+        if self._finished:
             return
+        self._finished = True
         self.end = end
         if end is not ExchangeEnd.DONE:
             self.keep_alive = False
             if end is ExchangeEnd.ABORTED and self.response_started:
                 self._client.reset()  # a cut-off body must not look complete
-        self._done.set_result(None)
+        if self._waiter is not None:
+            self._waiter.set_result(None)
+        elif self._on_done is not None:
+            self._detach()
+            self._on_done(self)
 
     @property
     def upstream_reusable(self) -> bool:

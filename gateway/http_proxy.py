@@ -12,7 +12,6 @@ from collections import deque
 from core.models import Lease, Outcome
 from gateway.channel import Channel, ChannelClosed
 from gateway.context import GatewayContext, Leased
-from gateway.dial import DialMode, basic_credentials
 from gateway.errors import (
     AuthRequired,
     BadRequest,
@@ -22,29 +21,29 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.exchange import Exchange, ExchangeEnd
+from gateway.forwarding import (
+    REPLAYABLE,
+    begin_exchange,
+    end_attempt,
+    rebound_headers,
+    route_request,
+)
+from gateway.http_lane import Attempt, HttpLane, LaneEnd
 from gateway.protocols import (
-    BadCredentials,
     ForwardHeaders,
     HttpProtocolError,
     RequestEvent,
     RequestHead,
     RequestParser,
     error_response,
-    parse_basic_auth,
-    serialize_request_head,
-    split_proxy_headers,
 )
-from gateway.routing import Route, choose_route
 
-__all__ = ["REBOUND_HEADER", "serve_http"]
+__all__ = ["serve_http"]
 
 log = logging.getLogger("proxygate.http")
 
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-#: On the first response after a session moved off a failed upstream: that upstream's id.
-REBOUND_HEADER = b"X-Proxy-Session-Rebound"
 _PROXY_AUTHENTICATE = ((b"Proxy-Authenticate", b'Basic realm="proxygate"'),)
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | None) -> None:
@@ -52,9 +51,32 @@ async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | 
     parser = RequestParser()
     held: deque[RequestEvent] = deque()
     settings = ctx.settings
+    lane = HttpLane(ctx, client, parser, held, listener_pool)
+    ahead: Lease | None = None
     while True:
-        if not held and not client.buffer and not await _await_next_request(ctx, client):
-            return
+        if not held:
+            # Between requests the lane listens, and serves what it can without this
+            # coroutine; it wakes it for the rest.
+            if ctx.draining:
+                return
+            end = await lane.serve()
+            ahead = lane.take_lease()
+            if end is LaneEnd.CLOSE:
+                return
+            if lane.error is not None:
+                _answer_error(client, BadRequest(str(lane.error), status=lane.error.status))
+                return
+            attempt = lane.take_attempt()
+            if attempt is not None:
+                try:
+                    if not await _forward(
+                        ctx, client, parser, held, attempt.head, listener_pool, first=attempt
+                    ):
+                        return
+                except GatewayError as exc:
+                    _answer_error(client, exc)
+                    return
+                continue
         try:
             head = await _next_head(client, parser, held, settings.header_timeout)
         except HttpProtocolError as exc:
@@ -69,26 +91,12 @@ async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | 
             if head.method == "CONNECT":
                 await _tunnel(ctx, client, parser, head, listener_pool)
                 return
-            if not await _forward(ctx, client, parser, held, head, listener_pool):
+            taken, ahead = ahead, None
+            if not await _forward(ctx, client, parser, held, head, listener_pool, lease=taken):
                 return
         except GatewayError as exc:
             _answer_error(client, exc)
             return
-
-
-async def _await_next_request(ctx: GatewayContext, client: Channel) -> bool:
-    """Wait while a keep-alive client is quiet between requests: False when it left, idled
-    out for `idle_timeout`, or the gateway began draining (idle clients are closed then)."""
-    if ctx.draining:
-        return False
-    ctx.idle_clients.add(client)
-    try:
-        await client.read_more(ctx.settings.idle_timeout)
-    except (ChannelClosed, TimeoutError):
-        return False
-    finally:
-        ctx.idle_clients.discard(client)
-    return True
 
 
 async def _next_head(
@@ -119,32 +127,6 @@ async def _next_head(
                 return None
 
 
-def _route(
-    ctx: GatewayContext, head: RequestHead, listener_pool: str | None
-) -> tuple[ForwardHeaders, Route]:
-    try:
-        fields = split_proxy_headers(head.headers)
-    except HttpProtocolError as exc:
-        raise BadRequest(str(exc), status=exc.status) from None
-    username = password = None
-    if fields.proxy_authorization is not None:
-        try:
-            username, password = parse_basic_auth(fields.proxy_authorization)
-        except BadCredentials:
-            raise AuthRequired("malformed proxy credentials") from None
-    params = ctx.authenticate(username, password)
-    route = choose_route(
-        header_pool=fields.pool,
-        header_session=fields.session,
-        header_country=fields.country,
-        username=params,
-        listener_pool=listener_pool,
-        default_pool=ctx.settings.default_pool,
-    )
-    ctx.check_via(fields.via)
-    return fields, route
-
-
 async def _tunnel(
     ctx: GatewayContext,
     client: Channel,
@@ -152,7 +134,7 @@ async def _tunnel(
     head: RequestHead,
     listener_pool: str | None,
 ) -> None:
-    _, route = _route(ctx, head, listener_pool)
+    _, route = route_request(ctx, head, listener_pool)
     await ctx.tunnel(
         client,
         route,
@@ -170,15 +152,28 @@ async def _forward(
     held: deque[RequestEvent],
     head: RequestHead,
     listener_pool: str | None,
+    *,
+    first: Attempt | None = None,
+    lease: Lease | None = None,
 ) -> bool:
-    """Carry one absolute-form request; True when the client connection may carry on."""
-    fields, route = _route(ctx, head, listener_pool)
+    """Carry one absolute-form request; True when the client connection may carry on.
+
+    With `first`, the lane made the first attempt already (routed, leased, carried, the
+    connection kept or closed, the lease given back), and this goes on from how it ended.
+    `lease`, taken by the lane for this request, serves the first attempt."""
+    if first is not None:
+        fields, route = first.fields, first.route
+    else:
+        try:
+            fields, route = route_request(ctx, head, listener_pool)
+            ctx.check_destination(head.host, head.port, tunnel=False)
+        except GatewayError:
+            if lease is not None:  # routed alike by the lane, so not expected; never leaked
+                await ctx.manager.put_back(lease)
+            raise
     host, port = head.host, head.port
-    ctx.check_destination(host, port, tunnel=False)
     has_body = head.chunked or bool(head.content_length)
-    # Only a request that may harmlessly go out twice is sent again (RFC 9110 9.2.2), and only
-    # such a request rides a kept connection, which its upstream may be closing right now.
-    replayable = not has_body and head.method in _IDEMPOTENT
+    replayable = not has_body and head.method in REPLAYABLE
     reuse = replayable and ctx.connections.enabled
     tried: set[str] = set()
     auth_error: UpstreamError | None = None
@@ -186,19 +181,30 @@ async def _forward(
     attempt = 0
     try:
         while True:
-            try:
-                leased = await ctx.lease_and_dial(
-                    route, host, port, tunnel=False, avoid=frozenset(tried), reuse=reuse
+            if first is not None:
+                leased, end, exchange = first.leased, first.exchange.end, first.exchange
+                first = None
+            else:
+                taken, lease = lease, None
+                try:
+                    leased = await ctx.lease_and_dial(
+                        route,
+                        host,
+                        port,
+                        tunnel=False,
+                        avoid=frozenset(tried),
+                        reuse=reuse,
+                        lease=taken,
+                    )
+                except NoUpstream:
+                    if auth_error is not None:
+                        raise auth_error from None
+                    if silence is not None:  # nobody left to ask once more
+                        raise silence.timeout(ctx) from None
+                    raise
+                end, exchange = await _carry(
+                    ctx, client, parser, held, head, fields, leased, retry=attempt > 0
                 )
-            except NoUpstream:
-                if auth_error is not None:
-                    raise auth_error from None
-                if silence is not None:  # nobody left to ask once more
-                    raise silence.timeout(ctx) from None
-                raise
-            end, exchange = await _carry(
-                ctx, client, parser, held, head, fields, leased, retry=attempt > 0
-            )
             attempt += 1
             upstream_id = leased.lease.upstream.id
             if end is ExchangeEnd.UPSTREAM_FAILED and exchange.overdue:
@@ -300,66 +306,16 @@ async def _carry(
 ) -> tuple[ExchangeEnd, Exchange]:
     """One attempt: send the request, carry the exchange, then keep the upstream connection
     for another request (when it can take one) or close it, and give the lease back."""
-    dialed = leased.dialed
     exchange: Exchange | None = None
     try:
-        upstream_is_proxy = dialed.mode is DialMode.FORWARD
-        # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
-        headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
-        headers.append((b"Host", _authority(head.host, head.port).encode()))
-        headers.append((b"Via", ctx.via))
-        if head.chunked:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        if not ctx.connections.enabled:
-            # One request per upstream connection, so its end of message is never in doubt.
-            headers.append((b"Connection", b"close"))
-        if upstream_is_proxy:
-            target = head.target
-            endpoint = leased.lease.upstream.endpoint
-            if endpoint.has_credentials:
-                headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
-        else:
-            target = head.path
-        if not client.eof:  # a client that left during the dial is owed nothing upstream
-            dialed.channel.write(serialize_request_head(head.method, target, headers))
-        exchange = Exchange(
-            client=client,
-            upstream=dialed.channel,
-            request_parser=parser,
-            held=held,
-            method=head.method,
-            chunked_request=head.chunked,
-            client_keep_alive=head.keep_alive,
-            client_version=head.http_version,
-            via=ctx.via,
-            idle_timeout=ctx.settings.idle_timeout,
-            response_timeout=ctx.settings.response_timeout,
-            upstream_is_proxy=upstream_is_proxy,
-            # On a retry the request's end was read from the client already (only bodiless
-            # requests are retried).
-            request_done=retry,
-            extra_headers=rebound_headers(leased.lease),
+        exchange = begin_exchange(
+            ctx, client, parser, held, head, fields, leased, request_read=retry
         )
-        if dialed.early:
-            dialed.channel.buffer[:0] = dialed.early
         end = await exchange.run()
     finally:
-        if exchange is not None and exchange.upstream_reusable:
-            ctx.connections.keep(
-                leased.lease.upstream, head.host, head.port, dialed.channel, dialed.uses + 1
-            )
-        else:
-            dialed.channel.close()
+        end_attempt(ctx, head, leased, exchange)
         await ctx.give_back(leased.lease)
     return end, exchange
-
-
-def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:
-    """Tells the client its session just moved: the first response on the new upstream
-    names the upstream the session left."""
-    if lease.rebound_from is None or lease.uses != 1:
-        return ()
-    return ((REBOUND_HEADER, lease.rebound_from.encode()),)
 
 
 def _established(lease: Lease) -> bytes:
@@ -381,8 +337,3 @@ def _answer_error(client: Channel, error: GatewayError) -> None:
         )
     )
     client.close()
-
-
-def _authority(host: str, port: int) -> str:
-    host = f"[{host}]" if ":" in host else host
-    return host if port == 80 else f"{host}:{port}"

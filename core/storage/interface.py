@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from core.health import HealthRecord, HealthUpdate, RecordSource
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
 
-__all__ = ["UPSTREAM_ATTRIBUTES", "Storage"]
+__all__ = ["UPSTREAM_ATTRIBUTES", "ImmediateLeasing", "Storage"]
 
 #: What `update_upstream` may change; the endpoint and the health fields are not among them.
 UPSTREAM_ATTRIBUTES = frozenset(
@@ -30,6 +30,19 @@ UPSTREAM_ATTRIBUTES = frozenset(
         "longitude",
     }
 )
+
+
+class ImmediateLeasing(Protocol):
+    """A storage in this process's memory can lease and release without awaiting: the lease
+    manager then spares the request path a coroutine chain per lease."""
+
+    def acquire_now(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
+        """What `acquire` does, done before returning."""
+        ...
+
+    def release_now(self, lease: Lease) -> bool:
+        """What `release` does, done before returning."""
+        ...
 
 
 class Storage(Protocol):

@@ -205,6 +205,9 @@ class MemoryStorage:
     # -- leasing ------------------------------------------------------------------------------
 
     async def acquire(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
+        return self.acquire_now(request, holder=holder, now=now)
+
+    def acquire_now(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
         state = self._pools.get(request.pool)
         if state is None:
             raise PoolNotFound(request.pool)
@@ -217,6 +220,9 @@ class MemoryStorage:
         return self._grant(state, slot, request, holder, now, expires_at)
 
     async def release(self, lease: Lease) -> bool:
+        return self.release_now(lease)
+
+    def release_now(self, lease: Lease) -> bool:
         entry = self._held.pop(lease.id, None)
         if entry is None:
             return False

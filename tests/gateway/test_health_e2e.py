@@ -11,7 +11,7 @@ from core.clock import ManualClock
 from core.models import HealthStatus, Outcome, Upstream
 from gateway.app import Gateway
 from gateway.checkers import HandshakeCheck, TcpConnectCheck
-from gateway.http_proxy import REBOUND_HEADER
+from gateway.forwarding import REBOUND_HEADER
 from tests.gateway.conftest import StartGateway, proxy_url
 from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy

@@ -1,0 +1,164 @@
+"""The steps of carrying one plain (absolute-form) HTTP request that both of its drivers share:
+the coroutine in `gateway.http_proxy`, and the callback lane in `gateway.http_lane` that
+serves the everyday keep-alive request without one."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from core.models import Lease
+from gateway.channel import Channel
+from gateway.context import GatewayContext, Leased
+from gateway.dial import DialMode, basic_credentials
+from gateway.errors import AuthRequired, BadRequest
+from gateway.exchange import Exchange
+from gateway.protocols import (
+    BadCredentials,
+    ForwardHeaders,
+    HttpProtocolError,
+    RequestEvent,
+    RequestHead,
+    RequestParser,
+    parse_basic_auth,
+    serialize_request_head,
+    split_proxy_headers,
+)
+from gateway.routing import Route, choose_route
+
+__all__ = [
+    "REBOUND_HEADER",
+    "REPLAYABLE",
+    "begin_exchange",
+    "end_attempt",
+    "rebound_headers",
+    "route_request",
+]
+
+#: On the first response after a session moved off a failed upstream: that upstream's id.
+REBOUND_HEADER = b"X-Proxy-Session-Rebound"
+#: Methods whose bodiless requests may harmlessly go out twice (RFC 9110 9.2.2): only they are
+#: sent again after a failure, and only they ride a kept connection, which its upstream may be
+#: closing right now.
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def route_request(
+    ctx: GatewayContext, head: RequestHead, listener_pool: str | None
+) -> tuple[ForwardHeaders, Route]:
+    """The fields to forward and where the request goes: gateway credentials checked, routing
+    headers and username parameters applied, loops refused."""
+    try:
+        fields = split_proxy_headers(head.headers)
+    except HttpProtocolError as exc:
+        raise BadRequest(str(exc), status=exc.status) from None
+    username = password = None
+    if fields.proxy_authorization is not None:
+        try:
+            username, password = parse_basic_auth(fields.proxy_authorization)
+        except BadCredentials:
+            raise AuthRequired("malformed proxy credentials") from None
+    params = ctx.authenticate(username, password)
+    route = choose_route(
+        header_pool=fields.pool,
+        header_session=fields.session,
+        header_country=fields.country,
+        username=params,
+        listener_pool=listener_pool,
+        default_pool=ctx.settings.default_pool,
+    )
+    ctx.check_via(fields.via)
+    return fields, route
+
+
+def begin_exchange(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    head: RequestHead,
+    fields: ForwardHeaders,
+    leased: Leased,
+    *,
+    request_read: bool,
+) -> Exchange:
+    """Send the request head up through `leased` and make the exchange that carries the rest
+    (started by its driver)."""
+    dialed = leased.dialed
+    upstream_is_proxy = dialed.mode is DialMode.FORWARD
+    # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
+    headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
+    headers.append((b"Host", _authority(head.host, head.port)))
+    headers.append((b"Via", ctx.via))
+    if head.chunked:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    if not ctx.connections.enabled:
+        # One request per upstream connection, so its end of message is never in doubt.
+        headers.append((b"Connection", b"close"))
+    if upstream_is_proxy:
+        target = head.target
+        endpoint = leased.lease.upstream.endpoint
+        if endpoint.has_credentials:
+            headers.append((b"Proxy-Authorization", basic_credentials(endpoint)))
+    else:
+        target = head.path
+    if not client.eof:  # a client that left during the dial is owed nothing upstream
+        dialed.channel.write(serialize_request_head(head.method, target, headers))
+    if dialed.early:
+        dialed.channel.buffer[:0] = dialed.early
+    return Exchange(
+        client=client,
+        upstream=dialed.channel,
+        request_parser=parser,
+        held=held,
+        method=head.method,
+        chunked_request=head.chunked,
+        client_keep_alive=head.keep_alive,
+        client_version=head.http_version,
+        via=ctx.via,
+        idle_timeout=ctx.settings.idle_timeout,
+        response_timeout=ctx.settings.response_timeout,
+        upstream_is_proxy=upstream_is_proxy,
+        # On a retry, and in the lane, the request's end was read from the client already
+        # (only bodiless requests are retried or served there).
+        request_done=request_read,
+        extra_headers=rebound_headers(leased.lease),
+    )
+
+
+def end_attempt(
+    ctx: GatewayContext, head: RequestHead, leased: Leased, exchange: Exchange | None
+) -> None:
+    """Keep the upstream connection for another request when it can take one, else close it.
+    (The lease is given back by the caller, which knows whether it may await.)"""
+    dialed = leased.dialed
+    if exchange is not None and exchange.upstream_reusable:
+        ctx.connections.keep(
+            leased.lease.upstream, head.host, head.port, dialed.channel, dialed.uses + 1
+        )
+    else:
+        dialed.channel.close()
+
+
+def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:
+    """Tells the client its session just moved: the first response on the new upstream
+    names the upstream the session left."""
+    if lease.rebound_from is None or lease.uses != 1:
+        return ()
+    return ((REBOUND_HEADER, lease.rebound_from.encode()),)
+
+
+_AUTHORITIES: dict[tuple[str, int], bytes] = {}
+_AUTHORITIES_KEPT = 4096
+
+
+def _authority(host: str, port: int) -> bytes:
+    # Targets repeat: building and encoding the Host value once per target, not per request.
+    key = (host, port)
+    value = _AUTHORITIES.get(key)
+    if value is None:
+        text = f"[{host}]" if ":" in host else host
+        value = (text if port == 80 else f"{text}:{port}").encode()
+        if len(_AUTHORITIES) >= _AUTHORITIES_KEPT:
+            _AUTHORITIES.clear()
+        _AUTHORITIES[key] = value
+    return value

@@ -1,0 +1,96 @@
+"""Leasing without awaiting (memory storage): done only where nothing else has to happen, and
+then exactly what the awaited calls do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core.clock import ManualClock
+from core.leasing import LeaseEvent, LeaseManager
+from core.models import LeaseRequest
+from core.storage.memory import MemoryStorage
+from tests.core.conftest import make_pool
+from tests.core.test_leasing import until_waiting
+from tests.storage.flaky import flaky
+
+
+@pytest.fixture
+async def memory() -> MemoryStorage:
+    return MemoryStorage()
+
+
+@pytest.fixture
+async def manager(memory: MemoryStorage) -> AsyncIterator[LeaseManager]:
+    leases = LeaseManager(memory, clock=ManualClock(), instance_id="gw", sweep_interval=3600)
+    async with leases:
+        yield leases
+
+
+async def test_leases_at_once_in_rotation_and_gives_back(
+    manager: LeaseManager, memory: MemoryStorage
+) -> None:
+    await make_pool(memory, 3, max_concurrency=1)
+    leases = [manager.acquire_now(LeaseRequest("p")) for _ in range(4)]
+    assert leases[3] is None  # all three busy: acquire() waits in line for it
+    granted = [lease for lease in leases if lease is not None]
+    assert len({lease.upstream.id for lease in granted}) == 3
+    assert (await memory.stats("p", 0)).leases_held == 3
+    assert all(manager.put_back_now(lease) for lease in granted)
+    assert (await memory.stats("p", 0)).leases_held == 0
+    assert manager.put_back_now(granted[0])  # a second release changes nothing ...
+    assert manager.double_releases == 1  # ... and is counted, as release() counts it
+
+
+async def test_sessions_go_the_awaited_way(manager: LeaseManager, memory: MemoryStorage) -> None:
+    await make_pool(memory, 2)
+    assert manager.acquire_now(LeaseRequest("p", session="s1")) is None
+    lease = await manager.acquire(LeaseRequest("p", session="s1"), timeout=1.0)
+    assert not manager.put_back_now(lease)
+    assert await manager.put_back(lease)
+
+
+async def test_nothing_is_done_at_once_while_others_wait_in_line(
+    manager: LeaseManager, memory: MemoryStorage
+) -> None:
+    await make_pool(memory, 1, max_concurrency=1)
+    first = manager.acquire_now(LeaseRequest("p"))
+    assert first is not None
+    waiter = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=5.0))
+    await until_waiting(manager, "p", 1)
+    # Freed capacity goes to the waiter first: that is the awaited path's job.
+    assert not manager.put_back_now(first)
+    assert manager.acquire_now(LeaseRequest("p")) is None
+    await manager.put_back(first)
+    second = await asyncio.wait_for(waiter, 5.0)
+    await manager.put_back(second)
+
+
+async def test_callbacks_are_told_so_nothing_is_done_at_once(
+    manager: LeaseManager, memory: MemoryStorage
+) -> None:
+    await make_pool(memory, 1)
+    events: list[LeaseEvent] = []
+    manager.on_acquire(events.append)
+    manager.on_release(events.append)
+    assert manager.acquire_now(LeaseRequest("p")) is None
+    lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+    assert not manager.put_back_now(lease)
+    await manager.put_back(lease)
+    assert [event.kind.value for event in events] == ["acquired", "released"]
+
+
+async def test_a_wrapped_storage_is_never_used_at_once(memory: MemoryStorage) -> None:
+    """A wrapper forwarding attribute lookups (here: one that fails calls on purpose) keeps
+    every call going through its own awaited methods."""
+    await make_pool(memory, 1)
+    wrapped, switch = flaky(memory)
+    async with LeaseManager(wrapped, instance_id="gw", sweep_interval=3600) as manager:
+        assert manager.acquire_now(LeaseRequest("p")) is None
+        lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
+        assert not manager.put_back_now(lease)
+        switch.down = True
+        assert await manager.put_back(lease)  # kept for when the storage answers again
+        assert switch.refused == {"release": 1}
