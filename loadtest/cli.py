@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     rig.add_argument("--no-pin", action="store_true", help="do not pin the gateway to CPU 0")
     peers = parser.add_argument_group("compare and variants")
-    peers.add_argument("--compare", default="", help="comma list of pproxy, proxy.py, direct")
+    peers.add_argument(
+        "--compare", default="", help="comma list of pproxy, proxy.py, direct, floor"
+    )
     peers.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     peers.add_argument(
         "--storage", action="append", default=[], metavar="URL", help="storage scenario URLs"

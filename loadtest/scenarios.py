@@ -40,7 +40,7 @@ class Scenario:
     count_tasks: bool = False
 
 
-_PEERS = ("pproxy", "proxy.py", "direct")
+_PEERS = ("pproxy", "proxy.py", "direct", "floor")
 
 SCENARIOS = {
     s.name: s

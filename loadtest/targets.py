@@ -6,7 +6,9 @@ reads `/api/stats` from it. Where its asyncio tasks are counted, it runs the sam
 `loadtest.taskprobe`, which writes the count to a file beside the configuration. The peers
 run from the harness's virtualenv (`loadtest.peers`) over the same upstreams: pproxy with
 `-s rr`, proxy.py with its `ProxyPoolPlugin` (HTTP upstreams only). "direct" is the client
-talking to the fleet's first upstream itself: the floor.
+talking to the fleet's first upstream itself: the floor of latency and throughput. "floor" is
+`loadtest.floor`, a bare byte relay to the first upstream: the floor of a Python gateway's
+CPU per request.
 """
 
 from __future__ import annotations
@@ -218,7 +220,11 @@ def start_direct(upstream: RigUpstream) -> Running:
 async def start_peer(name: str, upstreams: list[RigUpstream], workdir: Path) -> Running:
     python = bench_python()
     port = procs.free_port(LISTEN_HOST)
-    if name == "pproxy":
+    if name == "floor":
+        first = upstreams[0]
+        # The harness's own interpreter: the floor is ours, and needs only uvloop.
+        command = [sys.executable, "-m", "loadtest.floor", str(port), first.host, str(first.port)]
+    elif name == "pproxy":
         command = [str(python), "-m", "pproxy", "-l", f"http+socks5://{LISTEN_HOST}:{port}"]
         for upstream in upstreams:
             command += ["-r", upstream.url]
@@ -235,7 +241,8 @@ async def start_peer(name: str, upstreams: list[RigUpstream], workdir: Path) -> 
     else:
         raise TargetError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
     log = workdir / f"{name}.log"
-    process = procs.spawn(command, log, env=isolated_env(), make_parent=True)
+    env = child_env() if name == "floor" else isolated_env()
+    process = procs.spawn(command, log, env=env, make_parent=True)
     running = Running(name, (LISTEN_HOST, port), process, log)
     if not await procs.wait_listening(process, LISTEN_HOST, port, 20.0):
         await running.stop()
