@@ -252,6 +252,20 @@ def test_compare_with_direct_needs_no_peer(tmp_path: Path) -> None:
     ), outcome.last_line
 
 
+def test_compare_with_the_relay_floor_needs_no_peer(tmp_path: Path) -> None:
+    outcome = run_loadtest(
+        tmp_path, "http-keepalive", *SHORT, "-c", "4", "--compare", "floor", "--rounds", "1"
+    )
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    assert outcome.results is not None
+    assert [run["target"] for run in outcome.results["runs"]] == ["proxygate", "floor"]
+    floor = outcome.results["runs"][1]
+    assert_run_record(floor)
+    assert floor["errors"] == {}
+    assert floor["cpu_seconds"] is not None
+    assert "floor: cpu" in outcome.stdout
+
+
 @pytest.mark.parametrize("peer", ["pproxy", "proxy.py"])
 def test_compare_with_a_peer(tmp_path: Path, peer: str) -> None:
     if not installed(PEERS[peer]):
