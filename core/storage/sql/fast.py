@@ -1,11 +1,15 @@
 """PostgreSQL's hot paths: single statements in autocommit, each carrying every call that came
 with it.
 
-- acquire (no session; no filter, or one that SQL decides alone): a data-modifying CTE picks as
-  many upstreams as there are callers (`FOR UPDATE SKIP LOCKED`), bumps them and inserts one
-  lease per caller; the same statement says whether the pool exists with the selector this
-  process believes it has, and whether any upstream could ever match, so that "all busy" costs
-  one round trip too.
+- acquire (no session; no filter, or one that SQL decides alone): a data-modifying CTE picks up
+  to as many upstreams as there are callers (`FOR UPDATE SKIP LOCKED`), shares the callers out
+  among them as far as each one's room under its limit allows (one upstream may take several
+  leases of the batch, in the order repeated single acquires would give them), bumps them and
+  inserts one lease per caller; the same statement says whether the pool exists with the
+  selector this process believes it has, whether any upstream could ever match and whether
+  one is free now, so that "all busy" costs one round trip too. Free upstreams that were all
+  locked (being leased or given back by statements in flight) are not "busy": the next
+  statement waits for the first of them instead of sending callers to wait in line.
 - release: delete the leases and count each off its upstream.
 - renew: move the expiry of a held lease (off the hot path of plain leases: one at a time).
 
@@ -17,7 +21,8 @@ work or none, and a failure reaches each of them as their own would have.
 
 Locks: a release takes its leases in id order, then their upstreams in key order, the order
 every transaction that waits for locks here takes (leases before upstreams, each sorted), so
-batches cannot deadlock with each other or with the sweep; acquire never waits for a lock. A
+batches cannot deadlock with each other or with the sweep; acquire waits for a lock only
+while it holds none (one row, when every free one was locked). A
 deadlock with anything else (a catalog change) is retried: the failed statement changed nothing.
 
 When a fast path cannot decide (a pool this process has not seen yet, or whose selector
@@ -40,6 +45,7 @@ from sqlalchemy import (
     Float,
     Integer,
     Select,
+    Subquery,
     Text,
     any_,
     bindparam,
@@ -56,6 +62,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import Sequence as SQLSequence
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
@@ -68,7 +75,7 @@ from core.storage.sql.batching import Coalescer
 from core.storage.sql.filters import to_sql
 from core.storage.sql.lanes import Lanes
 from core.storage.sql.rows import upstream_from_row
-from core.storage.sql.statements import ACTIVE, LIVE, Flavor, pick_select
+from core.storage.sql.statements import ACTIVE, LIVE, Flavor, candidates, pick_select
 from core.storage.sql.tables import LEASE_TICK, leases, pools, upstreams
 
 __all__ = ["Compiled", "FastPaths"]
@@ -91,6 +98,8 @@ _GRANTED_COLUMNS = [
     "uses",
 ]
 _UPSTREAM_COLUMNS = tuple(column.name for column in upstreams.c)
+#: The leases' id sequence (PostgreSQL's name for a serial key's).
+_LEASE_ID = SQLSequence("leases_id_seq")
 #: Callers served by one statement at most; more wait for the next.
 MAX_BATCH = 64
 #: Statements of one kind out at once: the next batch gathers while one is out.
@@ -123,57 +132,35 @@ class Compiled:
 
 
 def _acquire_statement(
-    selector: Selector, *, guarded: bool, filtered: Any, many: bool
+    selector: Selector, *, guarded: bool, filtered: Any, many: bool, wait: bool = False
 ) -> Select[Any]:
     """Pick, bump and lease in one statement: with `many`, for every caller (parameters p_pool,
     p_selector, p_count, and one array each of p_consumers, p_holders, p_nows, p_expires),
     otherwise for one (p_pool, p_selector, p_consumer, p_holder, p_now, p_expires), which
     spares a caller alone the arrays' unpacking.
 
-    Callers are served in their order, as many as there are upstreams free. The leases come
-    back as one array of rows, each with its caller's number; the one caller's, as columns."""
+    Callers are served in their order, as many as the picked upstreams have room for (an
+    upstream may take several, `_slots`). The leases come back as one array of rows, each with
+    its caller's number; the one caller's, as columns. With `wait` (one caller), the pick waits
+    for locked rows instead of passing over them.
+
+    The flags row says whether the pool is as this process believes, whether any upstream
+    could ever match, and whether one is free now (by the statement's snapshot, locks aside):
+    nothing granted while one is free means every free one was locked by other statements."""
     pool = bindparam("p_pool", type_=Text)
     guard = exists().where(pools.c.name == pool)
     if guarded:  # the pool's own selector: check this process still has it right
         guard = guard.where(pools.c.selector == bindparam("p_selector"))
     limit = bindparam("p_count", type_=Integer) if many else 1
-    chosen = (
-        pick_select(pool, selector, _POSTGRES, filtered, limit)
-        .with_only_columns(u.key)
-        .where(guard)
-    )
-    if many:
-        # Numbered after the lock: a window function cannot share a level with FOR UPDATE.
-        locked = chosen.subquery("chosen")
-        pick = select(locked.c.key, func.row_number().over().label("n")).cte("pick")
-    else:
-        pick = chosen.add_columns(literal(1, BigInteger).label("n")).cte("pick")
-    bump = (
-        update(upstreams)
-        .where(u.key == pick.c.key)
-        .values(
-            active=u.active + 1,
-            total_leases=u.total_leases + 1,
-            last_leased=LEASE_TICK.next_value(),
-        )
-        .returning(*upstreams.c, pick.c.n)
-        .cte("bump")
-    )
-    granted = (
-        leases.insert()
-        .from_select(_GRANTED_COLUMNS, _grants(pool, bump, many))
-        .returning(leases.c.id, leases.c.upstream_key)
-        .cte("granted")
-    )
-    lease = (
-        select(bump, granted.c.id.label("lease_id"))
-        .join_from(bump, granted, granted.c.upstream_key == bump.c.key)
-        .subquery("lease")
-    )
+    chosen = pick_select(pool, selector, _POSTGRES, filtered, limit, wait=wait).where(guard)
+    lease = _lease_many(pool, chosen, selector) if many else _lease_one(pool, chosen)
     could = exists().where(u.pool == pool, u.status == ACTIVE, LIVE)
     if filtered is not None:
         could = could.where(filtered)
-    flags = select(guard.label("pool_ok"), could.label("could_match")).subquery("flags")
+    free = candidates(pool, selector, filtered).with_only_columns(u.key).exists()
+    flags = select(guard.label("pool_ok"), could.label("could_match"), free.label("free")).subquery(
+        "flags"
+    )
     joined = flags.outerjoin(lease, true())
     if not many:
         # One row always: the flags, and the lease's columns (NULL when nothing was granted).
@@ -185,47 +172,83 @@ def _acquire_statement(
     ).filter(lease.c.lease_id.is_not(None))
     # One row always: the flags, and the leases (NULL when nothing was granted).
     return (
-        select(flags.c.pool_ok, flags.c.could_match, rows.label("granted"))
+        select(flags.c.pool_ok, flags.c.could_match, flags.c.free, rows.label("granted"))
         .select_from(joined)
-        .group_by(flags.c.pool_ok, flags.c.could_match)
+        .group_by(flags.c.pool_ok, flags.c.could_match, flags.c.free)
     )
 
 
-_gone = (
-    delete(leases)
-    .where(leases.c.id == bindparam("p_lease"))
-    .returning(leases.c.upstream_key)
-    .cte("gone")
-)
-#: One lease (`p_lease`): what a caller alone sends, cheaper than the batch's sorting locks.
-_RELEASE_ONE = (
-    update(upstreams)
-    .where(u.key == _gone.c.upstream_key)
-    .values(active=u.active - 1)
-    .returning(u.key)
-)
+def _lease_one(pool: Any, chosen: Select[Any]) -> Subquery:
+    """The one caller's lease on the picked upstream: its columns after the bump, `n` (1) and
+    `lease_id`."""
+    pick = chosen.with_only_columns(u.key, literal(1, BigInteger).label("n")).cte("pick")
+    bump = (
+        update(upstreams)
+        .where(u.key == pick.c.key)
+        .values(
+            active=u.active + 1,
+            total_leases=u.total_leases + 1,
+            last_leased=LEASE_TICK.next_value(),
+        )
+        .returning(*upstreams.c, pick.c.n)
+        .cte("bump")
+    )
+    caller = (
+        bindparam("p_consumer", type_=Text),
+        bindparam("p_now", type_=Float),
+        bindparam("p_expires", type_=Float),
+        bindparam("p_holder", type_=Text),
+    )
+    rows = select(
+        bump.c.key, pool, caller[0], null(), false(), caller[1], caller[2], caller[3], null(),
+        literal(1),
+    )  # fmt: skip
+    granted = (
+        leases.insert()
+        .from_select(_GRANTED_COLUMNS, rows)
+        .returning(leases.c.id, leases.c.upstream_key)
+        .cte("granted")
+    )
+    return (
+        select(bump, granted.c.id.label("lease_id"))
+        .join_from(bump, granted, granted.c.upstream_key == bump.c.key)
+        .subquery("lease")
+    )
 
 
-def _grants(pool: Any, bump: Any, many: bool) -> Select[Any]:
-    """The lease rows to insert for the bumped upstreams, in `_GRANTED_COLUMNS`' order."""
-    if not many:
-        caller: tuple[Any, ...] = (
-            bindparam("p_consumer", type_=Text),
-            bindparam("p_now", type_=Float),
-            bindparam("p_expires", type_=Float),
-            bindparam("p_holder", type_=Text),
+def _lease_many(pool: Any, chosen: Select[Any], selector: Selector) -> Subquery:
+    """Every caller's lease that the picked upstreams have room for: each lease's upstream
+    columns after the bump, its caller's number `n` and `lease_id`.
+
+    Lease ids are drawn before the insert, so that each caller knows its own even when one
+    upstream takes several leases of the batch."""
+    count = bindparam("p_count", type_=Integer)
+    # Ranked after the lock: a window function cannot share a level with FOR UPDATE.
+    locked = chosen.with_only_columns(u.key, u.active, (u.lim - u.active).label("room"))
+    ranked = locked.subquery("chosen")
+    pick = select(
+        ranked.c.key, ranked.c.active, ranked.c.room, func.row_number().over().label("r")
+    ).cte("pick")
+    slots = _slots(pick, count, selector)
+    assigned = (
+        select(slots.c.key, slots.c.n, _LEASE_ID.next_value().label("lease_id"))
+        .where(slots.c.n <= count)
+        .cte("assigned")
+    )
+    counts = (
+        select(assigned.c.key, func.count().label("taken")).group_by(assigned.c.key).cte("counts")
+    )
+    bump = (
+        update(upstreams)
+        .where(u.key == counts.c.key)
+        .values(
+            active=u.active + counts.c.taken,
+            total_leases=u.total_leases + counts.c.taken,
+            last_leased=LEASE_TICK.next_value(),
         )
-        return select(
-            bump.c.key,
-            pool,
-            caller[0],
-            null(),
-            false(),
-            *caller[1:3],
-            caller[3],
-            null(),
-            literal(1),
-        )
+        .returning(*upstreams.c)
+        .cte("bump")
+    )
     asks = (
         func.unnest(
             bindparam("p_consumers", type_=ARRAY(Text)),
@@ -242,18 +265,68 @@ def _grants(pool: Any, bump: Any, many: bool) -> Select[Any]:
         )
         .render_derived(name="asks")
     )
-    return select(
-        bump.c.key,
-        pool,
-        asks.c.consumer,
-        null(),
-        false(),
-        asks.c.now,
-        asks.c.expires_at,
-        asks.c.holder,
-        null(),
-        literal(1),
-    ).join_from(bump, asks, asks.c.n == bump.c.n)
+    rows = select(
+        assigned.c.lease_id, assigned.c.key, pool, asks.c.consumer, null(), false(),
+        asks.c.now, asks.c.expires_at, asks.c.holder, null(), literal(1),
+    ).join_from(assigned, asks, asks.c.n == assigned.c.n)  # fmt: skip
+    granted = (
+        leases.insert()
+        .from_select(["id", *_GRANTED_COLUMNS], rows)
+        .returning(leases.c.id)
+        .cte("granted")
+    )
+    return (
+        select(bump, assigned.c.n, assigned.c.lease_id)
+        .join_from(bump, assigned, assigned.c.key == bump.c.key)
+        .join(granted, granted.c.id == assigned.c.lease_id)
+        .subquery("lease")
+    )
+
+
+def _slots(pick: Any, count: Any, selector: Selector) -> Any:
+    """Places for leases on the picked upstreams, numbered `n` in the order callers take them:
+    the j-th lease of the batch on an upstream is a place of its own, the upstream's room (its
+    limit less its leases) permitting.
+
+    The order is what repeated single acquires would do: rotating selectors (round robin,
+    random, weighted) go once round the picked upstreams before any takes a second lease;
+    least used fills the emptiest first; first available and lowest latency fill the first
+    upstream before the next."""
+    series = (
+        func.generate_series(1, func.least(pick.c.room, count))
+        .table_valued(column("j", BigInteger))
+        .render_derived(name="series")
+    )
+    order = _slot_order(pick, series.c.j, selector)
+    return (
+        select(pick.c.key, func.row_number().over(order_by=order).label("n"))
+        .select_from(pick)
+        .join(series, true())
+        .cte("slots")
+    )
+
+
+def _slot_order(pick: Any, j: Any, selector: Selector) -> list[Any]:
+    if selector is Selector.LEAST_USED:
+        return [pick.c.active + j, pick.c.r]
+    if selector in (Selector.FIRST_AVAILABLE, Selector.LOWEST_LATENCY):
+        return [pick.c.r, j]
+    return [j, pick.c.r]
+
+
+_gone = (
+    delete(leases)
+    .where(leases.c.id == bindparam("p_lease"))
+    .returning(leases.c.upstream_key)
+    .cte("gone")
+)
+#: One lease (`p_lease`): what a caller alone sends, cheaper than the batch's sorting locks.
+_RELEASE_ONE = (
+    update(upstreams)
+    .where(u.key == _gone.c.upstream_key)
+    .values(active=u.active - 1)
+    .returning(u.key)
+)
 
 
 def _release_statement() -> Select[Any]:
@@ -333,7 +406,7 @@ class FastPaths:
         self._dialect = dialect
         #: Each pool's selector as this process last read it (the statement checks it).
         self._selectors: dict[str, Selector] = {}
-        self._statements: dict[tuple[Selector, bool, Filter | None, bool], Compiled] = {}
+        self._statements: dict[tuple[Selector, bool, Filter | None, bool, bool], Compiled] = {}
         self._acquirers: dict[_AcquireKey, Coalescer[_Ask, _Outcome]] = {}
         self._releaser: Coalescer[int, bool] = Coalescer(
             self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH
@@ -347,8 +420,8 @@ class FastPaths:
     async def warm_up(self) -> None:
         """Open a lane and prepare the statements every gateway runs (round robin, release,
         renew) on it, so the first requests do not pay for connecting and planning."""
-        for many in (False, True):
-            statement = self._statement(Selector.ROUND_ROBIN, True, None, many=many)
+        for many, wait in ((False, False), (True, False), (False, True)):
+            statement = self._statement(Selector.ROUND_ROBIN, True, None, many=many, wait=wait)
             await self._fetch(statement, _acquire_params("", Selector.ROUND_ROBIN, [], many=many))
         await self._release_batch([])
         await self._release_batch([0])
@@ -414,13 +487,21 @@ class FastPaths:
         return acquirer
 
     def _statement(
-        self, selector: Selector, guarded: bool, filters: Filter | None, *, many: bool
+        self,
+        selector: Selector,
+        guarded: bool,
+        filters: Filter | None,
+        *,
+        many: bool,
+        wait: bool = False,
     ) -> Compiled:
-        key = (selector, guarded, filters, many)
+        key = (selector, guarded, filters, many, wait)
         statement = self._statements.get(key)
         if statement is None:
             clause = None if filters is None else to_sql(filters).clause
-            built = _acquire_statement(selector, guarded=guarded, filtered=clause, many=many)
+            built = _acquire_statement(
+                selector, guarded=guarded, filtered=clause, many=many, wait=wait
+            )
             statement = self._statements[key] = Compiled(built, self._dialect)
         return statement
 
@@ -433,16 +514,25 @@ class FastPaths:
     ) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         pending = list(asks)
+        wait = False
         while pending:
-            many = len(pending) > 1
-            statement = self._statement(selector, guarded, filters, many=many)
-            params = _acquire_params(pending[0].pool, selector, pending, many=many)
+            many = len(pending) > 1 and not wait
+            statement = self._statement(selector, guarded, filters, many=many, wait=wait)
+            served_now = pending if many else pending[:1]
+            params = _acquire_params(pending[0].pool, selector, served_now, many=many)
             row = await self._fetch(statement, params)
             assert row is not None  # the statement always returns its flags row
             granted = _granted(row, many=many)
             if not granted:
+                if row["free"] and not wait:
+                    # Free upstreams, all locked by statements in flight (releases, other
+                    # acquires): "busy" would send the callers to wait in line and poll, for
+                    # what a lock wait of one commit gives. The next statement waits for one.
+                    wait = True
+                    continue
                 outcomes.extend([_empty_verdict(row, filters)] * len(pending))
                 break
+            wait = False
             # The callers numbered 1..len(granted) are served (in no particular order in the
             # array); when fewer upstreams were free than callers asked (or the pool is
             # smaller than the batch), the others try again at once, first in line.

@@ -20,12 +20,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import NoUpstreamAvailable, SessionFailed
 from core.filters import Filter, restricted_to_country
 from core.models import HealthStatus, Lease, LeaseRequest, Pool, Selector, StickyFailure
-from core.storage.sql.filters import to_sql
+from core.storage.sql.filters import SqlFilter, to_sql
 from core.storage.sql.rows import decode_pool, lease_from_row, upstream_from_row
 from core.storage.sql.statements import (
     ACTIVE,
     LIVE,
     Flavor,
+    candidates,
     lease_select,
     pick_select,
 )
@@ -101,24 +102,56 @@ async def load_pool(conn: AsyncConnection, name: str) -> Pool | None:
 
 
 async def pick(
-    conn: AsyncConnection, flavor: Flavor, pool: Pool, request: LeaseRequest
+    conn: AsyncConnection,
+    flavor: Flavor,
+    pool: Pool,
+    request: LeaseRequest,
+    *,
+    wait: bool = False,
 ) -> Row[Any] | None:
     """The upstream row the request's selector chooses among those leasable now, locked; None
-    when all are busy. NoUpstreamAvailable when none could ever be leased."""
+    when all are busy. NoUpstreamAvailable when none could ever be leased.
+
+    With `wait` (PostgreSQL, the transaction holding no locks yet), leasable rows that were all
+    locked by other transactions are not "busy": the pick waits for the first of them."""
     selector = request.selector or pool.selector
     flt = request.filters
     row: Row[Any] | None
-    if flt is None:
+    sql = None if flt is None else to_sql(flt)
+    if sql is None:
         row = (await conn.execute(_pick_statement(flavor, selector), {"pool": pool.name})).first()
+    elif sql.exact:
+        stmt = pick_select(pool.name, selector, flavor, sql.clause, 1)
+        row = (await conn.execute(stmt)).first()
     else:
-        sql = to_sql(flt)
-        if sql.exact:
-            stmt = pick_select(pool.name, selector, flavor, sql.clause, 1)
-            row = (await conn.execute(stmt)).first()
-        else:
-            row = await _pick_confirmed(conn, flavor, pool, request, flt)
+        assert flt is not None
+        return await _pick_checked(conn, flavor, pool, request, flt)
+    if row is None and wait:
+        row = await _pick_waiting(conn, flavor, pool.name, selector, sql)
     if row is None:
         await _explain_empty(conn, pool.name, flt)
+    return row
+
+
+async def _pick_checked(
+    conn: AsyncConnection, flavor: Flavor, pool: Pool, request: LeaseRequest, flt: Filter
+) -> Row[Any] | None:
+    row = await _pick_confirmed(conn, flavor, pool, request, flt)
+    if row is None:
+        await _explain_empty(conn, pool.name, flt)
+    return row
+
+
+async def _pick_waiting(
+    conn: AsyncConnection, flavor: Flavor, pool: str, selector: Selector, sql: SqlFilter | None
+) -> Row[Any] | None:
+    """The pick again, waiting for locked rows, when one is leasable by the snapshot."""
+    clause = None if sql is None else sql.clause
+    free = select(candidates(pool, selector, clause).with_only_columns(u.key).exists())
+    if not (await conn.execute(free)).scalar():
+        return None
+    stmt = pick_select(pool, selector, flavor, clause, 1, wait=True)
+    row: Row[Any] | None = (await conn.execute(stmt)).first()
     return row
 
 
@@ -243,7 +276,9 @@ async def acquire(
 ) -> Lease | None:
     if request.session is not None:
         return await _acquire_session(conn, flavor, pool, request, holder, now)
-    row = await pick(conn, flavor, pool, request)
+    # Nothing is locked yet, so the pick may wait for rows locked by others (a session's
+    # acquire, holding locks already, must not).
+    row = await pick(conn, flavor, pool, request, wait=flavor.postgres)
     if row is None:
         return None
     expires_at = None if request.duration is None else now + request.duration

@@ -16,6 +16,7 @@ __all__ = [
     "LEASE_COLUMNS",
     "LIVE",
     "Flavor",
+    "candidates",
     "leasable",
     "lease_select",
     "pick_select",
@@ -102,22 +103,33 @@ def leasable(pool: str | ColumnElement[str]) -> list[ColumnElement[bool]]:
     return [u.pool == pool, u.status == ACTIVE, LIVE, u.active < u.lim]
 
 
+def candidates(
+    pool: str | ColumnElement[str], selector: Selector, clause: ColumnElement[bool] | None
+) -> Select[Any]:
+    """The upstreams a selector may lease now, in no order and unlocked."""
+    stmt = select(upstreams).where(*leasable(pool))
+    if selector is Selector.WEIGHTED:
+        stmt = stmt.where(u.weight > 0)
+    if clause is not None:
+        stmt = stmt.where(clause)
+    return stmt
+
+
 def pick_select(
     pool: str | ColumnElement[str],
     selector: Selector,
     flavor: Flavor,
     clause: ColumnElement[bool] | None,
     limit: int | ColumnElement[int],
+    *,
+    wait: bool = False,
 ) -> Select[Any]:
-    """The upstreams a selector would lease next, locked (PostgreSQL skips rows other
-    transactions hold: they are being leased right now)."""
-    stmt = select(upstreams).where(*leasable(pool))
-    if selector is Selector.WEIGHTED:
-        stmt = stmt.where(u.weight > 0)
-    if clause is not None:
-        stmt = stmt.where(clause)
+    """The upstreams a selector would lease next, locked. PostgreSQL skips rows other
+    transactions hold (they are being leased or given back right now), or with `wait` waits
+    for them: a pick that would find nothing but locked rows, when capacity is there."""
+    stmt = candidates(pool, selector, clause)
     stmt = stmt.order_by(*selector_order(selector, flavor)).limit(limit)
-    return stmt.with_for_update(skip_locked=True)
+    return stmt.with_for_update(skip_locked=not wait)
 
 
 def lease_select() -> Select[Any]:

@@ -1,0 +1,153 @@
+"""PostgreSQL's batched hot paths: acquires made together go out as one statement that may put
+several leases of the batch on one upstream, and free upstreams that are only locked for a
+moment are waited for, never reported busy. The batch must give what single acquires would:
+limits kept, each caller its own lease, the selector's order."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from core.models import Lease, LeaseRequest, Selector
+from tests.conftest import skip_or_fail
+from tests.core.conftest import make_pool
+from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, postgres_unavailable
+
+NOW = 1_000.0
+
+
+@pytest.fixture
+async def storage() -> AsyncIterator[ScratchPostgres]:
+    if reason := await postgres_unavailable():
+        skip_or_fail(reason)
+    store = ScratchPostgres()
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def warm(storage: ScratchPostgres, pool: str = "p") -> None:
+    """One lease taken and given back: the storage now knows the pool, so what follows takes
+    the batched statements (a pool's first acquire takes the full transaction)."""
+    lease = await storage.acquire(LeaseRequest(pool), holder="h1", now=NOW)
+    assert lease is not None
+    assert await storage.release(lease)
+
+
+async def together(storage: ScratchPostgres, count: int, pool: str = "p") -> list[Lease | None]:
+    """`count` acquires made in one event-loop turn (one batch), each with its own consumer."""
+    return await asyncio.gather(
+        *(
+            storage.acquire(LeaseRequest(pool, consumer=f"c{i}"), holder="h1", now=NOW)
+            for i in range(count)
+        )
+    )
+
+
+def per_upstream(leases: list[Lease | None]) -> dict[str, int]:
+    return dict(collections.Counter(lease.upstream.id for lease in leases if lease is not None))
+
+
+async def counts_in_database(storage: ScratchPostgres) -> list[tuple[int, int]]:
+    """(active, leases held) of every upstream, as the database has them."""
+    connection = await asyncpg.connect(
+        POSTGRES_URL, server_settings={"search_path": storage.schema or ""}
+    )
+    try:
+        rows = await connection.fetch(
+            "SELECT u.active, (SELECT count(*) FROM leases l WHERE l.upstream_key = u.key) AS held"
+            " FROM upstreams u ORDER BY u.key"
+        )
+    finally:
+        await connection.close()
+    return [(row["active"], row["held"]) for row in rows]
+
+
+async def test_a_batch_shares_unlimited_upstreams_out_in_rotation(
+    storage: ScratchPostgres,
+) -> None:
+    await make_pool(storage, 4)
+    await warm(storage)
+    leases = await together(storage, 16)
+    assert all(lease is not None for lease in leases)
+    assert sorted(per_upstream(leases).values()) == [4, 4, 4, 4]
+    # Each caller got a lease of its own, recorded as its own.
+    assert len({lease.id for lease in leases if lease is not None}) == 16
+    assert [lease.consumer for lease in leases if lease is not None] == [f"c{i}" for i in range(16)]
+    assert await counts_in_database(storage) == [(4, 4)] * 4
+    assert all(await asyncio.gather(*(storage.release(lease) for lease in leases if lease)))
+    assert await counts_in_database(storage) == [(0, 0)] * 4
+
+
+async def test_a_batch_never_goes_over_the_limits(storage: ScratchPostgres) -> None:
+    await make_pool(storage, 3, max_concurrency=2)
+    await warm(storage)
+    leases = await together(storage, 10)
+    granted = [lease for lease in leases if lease is not None]
+    assert len(granted) == 6
+    assert per_upstream(leases) == {lease.upstream.id: 2 for lease in granted}
+    assert await counts_in_database(storage) == [(2, 2)] * 3
+    stats = await storage.stats("p", NOW)
+    assert (stats.leases_held, stats.available) == (6, 0)
+
+
+async def test_a_batch_fills_in_first_available_order(storage: ScratchPostgres) -> None:
+    members = await make_pool(storage, 3, selector=Selector.FIRST_AVAILABLE, max_concurrency=2)
+    await warm(storage)
+    leases = await together(storage, 3)
+    assert [lease.upstream.id for lease in leases if lease is not None] == [
+        members[0].id,
+        members[0].id,
+        members[1].id,
+    ]
+
+
+async def test_a_batch_evens_out_least_used(storage: ScratchPostgres) -> None:
+    members = await make_pool(storage, 3, selector=Selector.LEAST_USED)
+    first = [await storage.acquire(LeaseRequest("p"), holder="h1", now=NOW) for _ in range(2)]
+    assert per_upstream(first) == {members[0].id: 1, members[1].id: 1}
+    leases = await together(storage, 4)
+    # Two go to the idle one first, then one each to the others.
+    assert per_upstream(leases) == {members[2].id: 2, members[0].id: 1, members[1].id: 1}
+
+
+@pytest.mark.parametrize("path", ["full transaction", "batched statement"])
+async def test_free_upstreams_locked_for_a_moment_are_waited_for(
+    storage: ScratchPostgres, path: str
+) -> None:
+    await make_pool(storage, 2)
+    if path == "batched statement":
+        await warm(storage)
+    # Another transaction holds every upstream row, as a release in flight does until its
+    # commit: the acquire waits for it instead of answering "all busy".
+    other = await asyncpg.connect(
+        POSTGRES_URL, server_settings={"search_path": storage.schema or ""}
+    )
+    try:
+        locking = other.transaction()
+        await locking.start()
+        await other.execute("SELECT key FROM upstreams FOR UPDATE")
+        pending = asyncio.ensure_future(storage.acquire(LeaseRequest("p"), holder="h1", now=NOW))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        await locking.commit()
+        lease = await asyncio.wait_for(pending, 10)
+    finally:
+        await other.close()
+    assert lease is not None
+    assert await storage.release(lease)
+    assert await counts_in_database(storage) == [(0, 0)] * 2
+
+
+async def test_busy_is_still_busy_when_nothing_is_free(storage: ScratchPostgres) -> None:
+    await make_pool(storage, 2, max_concurrency=1)
+    await warm(storage)
+    leases = await together(storage, 2)
+    assert all(lease is not None for lease in leases)
+    assert await together(storage, 3) == [None, None, None]
