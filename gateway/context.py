@@ -336,16 +336,20 @@ class GatewayContext:
             leased.dialed.channel.close()
             await self.give_back(leased.lease)
 
-    def lease_now(self, route: Route) -> Lease | None:
-        """For a plain HTTP request without a session: a lease got without awaiting, or None
-        when that needs waiting (or an answer from the storage), which `lease_and_dial` then
-        does. A lease got here is handed to `lease_and_dial` (`lease=`), or given back with
-        `give_back_soon` once `begin_use` counted it."""
+    def plain_lease_request(self, route: Route) -> LeaseRequest | None:
+        """What `lease_now` asks for on `route`; None for a route with a session (a session's
+        lease is renewed as it is taken, which needs the awaited path)."""
         if route.session is not None:
             return None
-        request = LeaseRequest(
+        return LeaseRequest(
             route.pool, consumer=route.consumer, filters=_filters(route.country, _NONE_TRIED)
         )
+
+    def lease_now(self, request: LeaseRequest) -> Lease | None:
+        """For a plain HTTP request: a lease got without awaiting, or None when that needs
+        waiting (or an answer from the storage), which `lease_and_dial` then does. A lease got
+        here is handed to `lease_and_dial` (`lease=`), or given back with `give_back_soon`
+        once `begin_use` counted it."""
         try:
             return self.manager.acquire_now(request)
         except CoreError:

@@ -5,6 +5,7 @@ full treatment from the connection's coroutine, in order, with no lease left beh
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 
 import pytest
@@ -200,3 +201,31 @@ async def test_a_client_leaving_mid_response_gives_its_lease_back(
             break
         await asyncio.sleep(0.01)
     assert await leases_held(gateway) == 0
+
+
+async def test_each_request_is_routed_by_its_own_fields(
+    start_gateway: StartGateway, origin: Origin, sim_upstreams: list[SimUpstream]
+) -> None:
+    """Same fields, same routing; new fields (credentials, pool) are judged afresh."""
+    first, second = sim_upstreams
+    gateway = await start_gateway(
+        '[gateway]\nlisten = ["127.0.0.1:0"]\nusers = { alice = "pw" }\ndefault_pool = "one"\n'
+        + pool_toml(first.url, name="one")
+        + pool_toml(second.url, name="two")
+    )
+    good = "Basic " + base64.b64encode(b"alice-pool-one:pw").decode()
+    to_two = "Basic " + base64.b64encode(b"alice-pool-two:pw").decode()
+    bad = "Basic " + base64.b64encode(b"alice-pool-one:wrong").decode()
+
+    def get_as(credentials: str, i: int) -> bytes:
+        host = ("Host", f"127.0.0.1:{origin.port}")
+        auth = ("Proxy-Authorization", credentials)
+        return request("GET", origin.url_for(f"/echo?i={i}"), headers=[host, auth])
+
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        for i, credentials in enumerate([good, good, to_two, to_two, good]):
+            writer.write(get_as(credentials, i))
+            assert echo_of(await read_response(reader))["path"] == f"/echo?i={i}"
+        writer.write(get_as(bad, 9))
+        assert (await read_response(reader)).status == 407
+    assert (first.requests, second.requests) == (3, 2)
