@@ -45,7 +45,8 @@ class Coalescer(Generic[A, R]):
     """Runs calls in batches: `run(arguments)` answers each argument, in order.
 
     `orphan(result)` receives a result whose caller stopped waiting (a lease granted to a
-    cancelled acquirer must still be given back)."""
+    cancelled acquirer must still be given back). While `hold()` is true, calls wait: for
+    another statement to `take` them, or for `kick`."""
 
     def __init__(
         self,
@@ -54,11 +55,13 @@ class Coalescer(Generic[A, R]):
         in_flight: int = 1,
         max_batch: int = 64,
         orphan: Callable[[R], None] | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self._run = run
         self._in_flight = in_flight
         self._max_batch = max_batch
         self._orphan = orphan
+        self._hold = hold
         self._queue: list[tuple[A, asyncio.Future[R]]] = []
         self._running = 0
         self._scheduled = False
@@ -69,13 +72,26 @@ class Coalescer(Generic[A, R]):
         """Calls are waiting or being run."""
         return bool(self._queue) or self._running > 0 or self._scheduled
 
+    def take(self) -> list[tuple[A, asyncio.Future[R]]]:
+        """The calls waiting for their batch, handed over to be answered elsewhere (their
+        futures are the caller's to settle), so that another statement can carry them."""
+        taken = [(arg, future) for arg, future in self._queue if not future.done()]
+        self._queue.clear()
+        return taken
+
     async def call(self, argument: A) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((argument, future))
         self._kick()
         return await future
 
+    def kick(self) -> None:
+        """Send what waits, if nothing holds it back any more."""
+        self._kick()
+
     def _kick(self) -> None:
+        if self._hold is not None and self._hold():
+            return  # whoever holds calls back `kick`, or `take`s them
         if self._queue and not self._scheduled and self._running < self._in_flight:
             self._scheduled = True
             # At the end of this loop turn: the callers woken in this turn join the batch.

@@ -16,8 +16,11 @@ with it.
 Acquires of one pool, selector and filter made in the same event-loop turn go out as one
 statement, and so do releases (`batching.Coalescer`): with synchronous commit, waiting for the
 commit record to reach the disk is most of what a call costs, and one commit can carry every
-caller's work. A caller alone is not delayed. A statement is atomic: it does all its callers'
-work or none, and a failure reaches each of them as their own would have.
+caller's work. While acquires are on their way, releases wait for them and ride along in the
+next acquire statement (its `_releases` part), so that under load one statement, one commit and
+one round of row locks serve both; with no acquire coming, releases go alone at once. A caller
+alone is not delayed. A statement is atomic: it does all its callers' work or none, and a
+failure reaches each of them as their own would have.
 
 Locks: a release takes its leases in id order, then their upstreams in key order, the order
 every transaction that waits for locks here takes (leases before upstreams, each sorted), so
@@ -49,6 +52,7 @@ from sqlalchemy import (
     Text,
     any_,
     bindparam,
+    case,
     column,
     delete,
     exists,
@@ -132,7 +136,13 @@ class Compiled:
 
 
 def _acquire_statement(
-    selector: Selector, *, guarded: bool, filtered: Any, many: bool, wait: bool = False
+    selector: Selector,
+    *,
+    guarded: bool,
+    filtered: Any,
+    many: bool,
+    wait: bool = False,
+    releasing: bool = False,
 ) -> Select[Any]:
     """Pick, bump and lease in one statement: with `many`, for every caller (parameters p_pool,
     p_selector, p_count, and one array each of p_consumers, p_holders, p_nows, p_expires),
@@ -142,7 +152,9 @@ def _acquire_statement(
     Callers are served in their order, as many as the picked upstreams have room for (an
     upstream may take several, `_slots`). The leases come back as one array of rows, each with
     its caller's number; the one caller's, as columns. With `wait` (one caller), the pick waits
-    for locked rows instead of passing over them.
+    for locked rows instead of passing over them. With `releasing` (`many` only), the statement
+    also releases the leases `p_leases` (`_releases`) and says which it released, so that
+    releases waiting for their own statement share the acquires' commit.
 
     The flags row says whether the pool is as this process believes, whether any upstream
     could ever match, and whether one is free now (by the statement's snapshot, locks aside):
@@ -153,7 +165,13 @@ def _acquire_statement(
         guard = guard.where(pools.c.selector == bindparam("p_selector"))
     limit = bindparam("p_count", type_=Integer) if many else 1
     chosen = pick_select(pool, selector, _POSTGRES, filtered, limit, wait=wait).where(guard)
-    lease = _lease_many(pool, chosen, selector) if many else _lease_one(pool, chosen)
+    freed = gone = None
+    if releasing:
+        gone, freed, freeing = _releases()
+        # The released upstreams are locked first, as a release alone locks them: the pick
+        # after them never waits, so the lock order stays the one every statement keeps.
+        chosen = chosen.where(select(func.count()).select_from(freeing).scalar_subquery() >= 0)
+    lease = _lease_many(pool, chosen, selector, freed) if many else _lease_one(pool, chosen)
     could = exists().where(u.pool == pool, u.status == ACTIVE, LIVE)
     if filtered is not None:
         could = could.where(filtered)
@@ -170,12 +188,48 @@ def _acquire_statement(
     rows = func.array_agg(
         tuple_(lease.c.n, lease.c.lease_id, *(lease.c[name] for name in _UPSTREAM_COLUMNS))
     ).filter(lease.c.lease_id.is_not(None))
+    columns = [flags.c.pool_ok, flags.c.could_match, flags.c.free, rows.label("granted")]
+    if gone is not None:
+        released = select(func.array_agg(gone.c.id)).scalar_subquery()
+        columns.append(released.label("released"))
     # One row always: the flags, and the leases (NULL when nothing was granted).
     return (
-        select(flags.c.pool_ok, flags.c.could_match, flags.c.free, rows.label("granted"))
+        select(*columns)
         .select_from(joined)
         .group_by(flags.c.pool_ok, flags.c.could_match, flags.c.free)
     )
+
+
+def _releases() -> tuple[Any, Any, Any]:
+    """Release the leases `p_leases`, as `_release_statement` does: the leases deleted (`gone`),
+    how many each upstream lost (`freed`: key, n), and those upstreams locked in key order
+    (`freeing`). The counts come off the upstreams in the acquire's bump."""
+    doomed = (
+        select(leases.c.id)
+        .where(leases.c.id == any_(bindparam("p_leases", type_=ARRAY(BigInteger))))
+        .order_by(leases.c.id)
+        .with_for_update()
+        .cte("doomed")
+    )
+    gone = (
+        delete(leases)
+        .where(leases.c.id == doomed.c.id)
+        .returning(leases.c.id, leases.c.upstream_key)
+        .cte("gone")
+    )
+    freed = (
+        select(gone.c.upstream_key.label("key"), func.count().label("n"))
+        .group_by(gone.c.upstream_key)
+        .cte("freed")
+    )
+    freeing = (
+        select(u.key)
+        .join_from(upstreams, freed, u.key == freed.c.key)
+        .order_by(u.key)
+        .with_for_update(of=upstreams)
+        .cte("freeing")
+    )
+    return gone, freed, freeing
 
 
 def _lease_one(pool: Any, chosen: Select[Any]) -> Subquery:
@@ -216,12 +270,13 @@ def _lease_one(pool: Any, chosen: Select[Any]) -> Subquery:
     )
 
 
-def _lease_many(pool: Any, chosen: Select[Any], selector: Selector) -> Subquery:
+def _lease_many(pool: Any, chosen: Select[Any], selector: Selector, freed: Any) -> Subquery:
     """Every caller's lease that the picked upstreams have room for: each lease's upstream
     columns after the bump, its caller's number `n` and `lease_id`.
 
     Lease ids are drawn before the insert, so that each caller knows its own even when one
-    upstream takes several leases of the batch."""
+    upstream takes several leases of the batch. With `freed` (key, n), the bump also counts
+    released leases off their upstreams: one UPDATE per row, as a statement must."""
     count = bindparam("p_count", type_=Integer)
     # Ranked after the lock: a window function cannot share a level with FOR UPDATE.
     locked = chosen.with_only_columns(u.key, u.active, (u.lim - u.active).label("room"))
@@ -238,17 +293,7 @@ def _lease_many(pool: Any, chosen: Select[Any], selector: Selector) -> Subquery:
     counts = (
         select(assigned.c.key, func.count().label("taken")).group_by(assigned.c.key).cte("counts")
     )
-    bump = (
-        update(upstreams)
-        .where(u.key == counts.c.key)
-        .values(
-            active=u.active + counts.c.taken,
-            total_leases=u.total_leases + counts.c.taken,
-            last_leased=LEASE_TICK.next_value(),
-        )
-        .returning(*upstreams.c)
-        .cte("bump")
-    )
+    bump = _bump(counts) if freed is None else _bump_and_uncount(counts, freed)
     asks = (
         func.unnest(
             bindparam("p_consumers", type_=ARRAY(Text)),
@@ -280,6 +325,46 @@ def _lease_many(pool: Any, chosen: Select[Any], selector: Selector) -> Subquery:
         .join_from(bump, assigned, assigned.c.key == bump.c.key)
         .join(granted, granted.c.id == assigned.c.lease_id)
         .subquery("lease")
+    )
+
+
+def _bump(counts: Any) -> Any:
+    """Count the batch's leases (`counts`: key, taken) on their upstreams."""
+    return (
+        update(upstreams)
+        .where(u.key == counts.c.key)
+        .values(
+            active=u.active + counts.c.taken,
+            total_leases=u.total_leases + counts.c.taken,
+            last_leased=LEASE_TICK.next_value(),
+        )
+        .returning(*upstreams.c)
+        .cte("bump")
+    )
+
+
+def _bump_and_uncount(counts: Any, freed: Any) -> Any:
+    """`_bump`, and the released leases (`freed`: key, n) counted off their upstreams."""
+    taken = func.coalesce(counts.c.taken, 0)
+    delta = (
+        select(
+            func.coalesce(counts.c.key, freed.c.key).label("key"),
+            taken.label("taken"),
+            func.coalesce(freed.c.n, 0).label("freed"),
+        )
+        .select_from(counts.join(freed, counts.c.key == freed.c.key, full=True))
+        .cte("delta")
+    )
+    return (
+        update(upstreams)
+        .where(u.key == delta.c.key)
+        .values(
+            active=u.active + delta.c.taken - delta.c.freed,
+            total_leases=u.total_leases + delta.c.taken,
+            last_leased=case((delta.c.taken > 0, LEASE_TICK.next_value()), else_=u.last_leased),
+        )
+        .returning(*upstreams.c)
+        .cte("bump")
     )
 
 
@@ -406,10 +491,12 @@ class FastPaths:
         self._dialect = dialect
         #: Each pool's selector as this process last read it (the statement checks it).
         self._selectors: dict[str, Selector] = {}
-        self._statements: dict[tuple[Selector, bool, Filter | None, bool, bool], Compiled] = {}
+        self._statements: dict[tuple[Selector, bool, Filter | None, bool, bool, bool], Compiled]
+        self._statements = {}
         self._acquirers: dict[_AcquireKey, Coalescer[_Ask, _Outcome]] = {}
+        # While acquires are on their way, releases wait to ride along with them.
         self._releaser: Coalescer[int, bool] = Coalescer(
-            self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH
+            self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, hold=self._acquiring
         )
         self._release = Compiled(_release_statement(), dialect)
         self._release_one = Compiled(_RELEASE_ONE, dialect)
@@ -494,13 +581,19 @@ class FastPaths:
         *,
         many: bool,
         wait: bool = False,
+        releasing: bool = False,
     ) -> Compiled:
-        key = (selector, guarded, filters, many, wait)
+        key = (selector, guarded, filters, many, wait, releasing)
         statement = self._statements.get(key)
         if statement is None:
             clause = None if filters is None else to_sql(filters).clause
             built = _acquire_statement(
-                selector, guarded=guarded, filtered=clause, many=many, wait=wait
+                selector,
+                guarded=guarded,
+                filtered=clause,
+                many=many,
+                wait=wait,
+                releasing=releasing,
             )
             statement = self._statements[key] = Compiled(built, self._dialect)
         return statement
@@ -512,16 +605,42 @@ class FastPaths:
         filters: Filter | None,
         asks: Sequence[_Ask],
     ) -> list[_Outcome]:
+        try:
+            return await self._acquire_rounds(selector, guarded, filters, asks)
+        finally:
+            # After the batcher has sent its next batch, if any: that one takes the releases.
+            asyncio.get_running_loop().call_soon(self._releaser.kick)
+
+    async def _acquire_rounds(
+        self,
+        selector: Selector,
+        guarded: bool,
+        filters: Filter | None,
+        asks: Sequence[_Ask],
+    ) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         pending = list(asks)
         wait = False
         while pending:
-            many = len(pending) > 1 and not wait
-            statement = self._statement(selector, guarded, filters, many=many, wait=wait)
+            # Releases made meanwhile ride along, sharing the acquires' commit (in the batch
+            # statement only: a waiting pick must not wait while the releases hold locks).
+            riders = [] if wait else self._releaser.take()
+            many = (len(pending) > 1 or bool(riders)) and not wait
+            statement = self._statement(
+                selector, guarded, filters, many=many, wait=wait, releasing=bool(riders)
+            )
             served_now = pending if many else pending[:1]
             params = _acquire_params(pending[0].pool, selector, served_now, many=many)
-            row = await self._fetch(statement, params)
+            if riders:
+                params["p_leases"] = [lease_id for lease_id, _ in riders]
+            try:
+                row = await self._fetch(statement, params)
+            except BaseException as error:
+                _settle_riders(riders, error, None)
+                raise
             assert row is not None  # the statement always returns its flags row
+            if riders:
+                _settle_riders(riders, None, row["released"])
             granted = _granted(row, many=many)
             if not granted:
                 if row["free"] and not wait:
@@ -559,12 +678,10 @@ class FastPaths:
             one = await self._fetch(self._release_one, {"p_lease": lease_ids[0]})
             return [one is not None]
         row = await self._fetch(self._release, {"p_leases": list(lease_ids)})
-        released = set(row["released"] or ()) if row is not None else set()
-        answers = []
-        for lease_id in lease_ids:
-            answers.append(lease_id in released)
-            released.discard(lease_id)  # the same lease twice in a batch: released once
-        return answers
+        return _answers(lease_ids, row["released"] if row is not None else None)
+
+    def _acquiring(self) -> bool:
+        return any(acquirer.busy for acquirer in self._acquirers.values())
 
     def _disown(self, outcome: _Outcome) -> None:
         if isinstance(outcome, Lease):
@@ -583,6 +700,34 @@ class FastPaths:
                 if attempt == DEADLOCK_RETRIES:
                     raise
         raise AssertionError("unreachable")
+
+
+def _answers(lease_ids: Sequence[int], released: Sequence[int] | None) -> list[bool]:
+    """Whether each of `lease_ids` was released, by the ids a statement released."""
+    gone = set(released or ())
+    answers = []
+    for lease_id in lease_ids:
+        answers.append(lease_id in gone)
+        gone.discard(lease_id)  # the same lease twice in a batch: released once
+    return answers
+
+
+def _settle_riders(
+    riders: list[tuple[int, asyncio.Future[bool]]],
+    error: BaseException | None,
+    released: Sequence[int] | None,
+) -> None:
+    """Answer the releases an acquire statement carried, as their own statement would have."""
+    answers = _answers([lease_id for lease_id, _ in riders], released)
+    for (_, future), answer in zip(riders, answers, strict=True):
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(answer)
+        elif isinstance(error, Exception):
+            future.set_exception(error)
+        else:
+            future.cancel()
 
 
 def _granted(row: Any, *, many: bool) -> list[Any]:
