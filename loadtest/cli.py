@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     peers.add_argument("--pool-sizes", default=DEFAULT_POOL_SIZES, help="scale scenario sizes")
     peers.add_argument(
+        "--upstream-keepalive",
+        type=int,
+        default=None,
+        metavar="N",
+        help="kept upstream connections per upstream (0: none; default: the gateway's, "
+        "and 0 in scale)",
+    )
+    peers.add_argument(
         "--no-install", action="store_true", help="never pip-install peers or matplotlib"
     )
     out = parser.add_argument_group("output")
@@ -144,7 +152,7 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
         pin=not args.no_pin and (os.cpu_count() or 1) >= 2,
         drain_wait=args.drain_wait,
         workdir=workdir,
-        gateway={} if args.sticky_ttl is None else {"sticky_ttl": args.sticky_ttl},
+        gateway=_gateway_overrides(args),
         tunnels=tunnels,
     )
 
@@ -175,6 +183,15 @@ def _check_tunnels(args: argparse.Namespace, scenario: Scenario, tunnels: int) -
         raise UsageError("idle-tunnels runs on the sim fleet and the builtin origin")
 
 
+def _kept_connections(options: Options) -> str:
+    kept = {**options.scenario.gateway, **options.gateway}.get("keepalive_max_idle")
+    if kept is None:
+        return ""
+    if kept == 0:
+        return "; proxygate opens a new upstream connection per request"
+    return f"; proxygate keeps up to {kept:g} connections per upstream"
+
+
 def _describe(options: Options) -> str:
     s = options.scenario
     if s.name == "idle-tunnels":
@@ -200,6 +217,7 @@ def _describe(options: Options) -> str:
         f"connections, {loop}, {'keep-alive' if options.keepalive else 'new connection'} "
         f"per request, {what}"
         + (f", {options.sessions} sessions" if options.sessions else "")
+        + _kept_connections(options)
         + f"\n  {options.warmup:g} s warm-up + {options.duration:g} s measured"
         + (f", at most {options.requests:,} requests" if options.requests else "")
         + (f"; {options.rounds} alternating round(s)" if options.compare else "")
@@ -248,6 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _gateway_overrides(args: argparse.Namespace) -> dict[str, float | int]:
+    overrides: dict[str, float | int] = {}
+    if args.sticky_ttl is not None:
+        overrides["sticky_ttl"] = args.sticky_ttl
+    if args.upstream_keepalive is not None:
+        if args.upstream_keepalive < 0:
+            raise UsageError("--upstream-keepalive must be 0 or more")
+        overrides["keepalive_max_idle"] = args.upstream_keepalive
+    return overrides
 
 
 def _main(args: argparse.Namespace, workdir: Path) -> int:

@@ -75,7 +75,7 @@ class Options:
     drain_wait: float
     workdir: Path
     #: GatewayConfig fields set from the command line, over the scenario's.
-    gateway: dict[str, float] = field(default_factory=dict)
+    gateway: dict[str, float | int] = field(default_factory=dict)
     progress: Callable[[str, Progress], None] | None = None
     #: idle-tunnels: how many to hold.
     tunnels: int = 0
@@ -358,10 +358,15 @@ async def run_scenario(options: Options, log: Callable[[str], None]) -> tuple[Ri
                     config = gateway_config(options, fleet_urls(rig), scratch)
                     runs.append(await measure("proxygate", url, 1, options, rig, config, log))
         elif scenario.name == "scale":
-            for size in options.pool_sizes:
-                config = gateway_config(options, fleet_urls(rig, size), "memory://")
-                label = f"pool {size}"
-                runs.append(await measure("proxygate", label, 1, options, rig, config, log))
+            # Sizes alternate round by round, so a busier moment of the machine falls on
+            # each of them alike.
+            for round_ in range(1, options.rounds + 1):
+                for size in options.pool_sizes:
+                    config = gateway_config(options, fleet_urls(rig, size), "memory://")
+                    label = f"pool {size}"
+                    runs.append(
+                        await measure("proxygate", label, round_, options, rig, config, log)
+                    )
         else:
             config = gateway_config(options, fleet_urls(rig), "memory://")
             for round_ in range(1, options.rounds + 1):

@@ -62,6 +62,11 @@ class GatewayConfig:
     idle_timeout: float = 60.0
     drain_timeout: float = 5.0
     log_level: str = "warning"
+    #: Kept connections per upstream (0: a new upstream connection per request); None keeps
+    #: the gateway's default.
+    keepalive_max_idle: int | None = None
+    #: The gateway's active health checks (a round over every upstream at start).
+    checks: bool = True
 
 
 def _toml_string(value: str) -> str:
@@ -82,12 +87,20 @@ def write_config(config: GatewayConfig, directory: Path, port: int, admin_port: 
         f"idle_timeout = {config.idle_timeout}",
         f"drain_timeout = {config.drain_timeout}",
         f"log_level = {_toml_string(config.log_level)}",
+        *(
+            []
+            if config.keepalive_max_idle is None
+            else [f"keepalive_max_idle = {config.keepalive_max_idle}"]
+        ),
         "",
         "[storage]",
         f"url = {_toml_string(config.storage)}",
         "",
         "[admin]",
         f'listen = "{LISTEN_HOST}:{admin_port}"',
+        "",
+        "[checks]",
+        f"enabled = {'true' if config.checks else 'false'}",
         "",
         "[[pools]]",
         'name = "bench"',

@@ -204,10 +204,14 @@ def test_storage_runs_memory_and_reports_a_refused_storage(tmp_path: Path) -> No
 
 
 def test_scale_runs_each_pool_size(tmp_path: Path) -> None:
-    outcome = run_loadtest(tmp_path, "scale", *SHORT, "-c", "4", "--pool-sizes", "4,200")
+    outcome = run_loadtest(
+        tmp_path, "scale", *SHORT, "-c", "4", "--pool-sizes", "4,200", "--rounds", "2"
+    )
     assert outcome.code == 0, outcome.stdout + outcome.stderr
     runs = outcome.proxygate_runs()
-    assert [run["label"] for run in runs] == ["pool 4", "pool 200"]
+    assert [run["label"] for run in runs] == ["pool 4", "pool 200"] * 2  # sizes alternate
+    # Pool size is all that changes: no kept upstream connections, no active checks.
+    assert "new upstream connection per request" in outcome.stdout
     for run in runs:
         assert_run_record(run)
     assert_no_leak(outcome)
@@ -215,6 +219,14 @@ def test_scale_runs_each_pool_size(tmp_path: Path) -> None:
         rf"scale: pool 4 {NUMBER} req/s, pool 200 {NUMBER} req/s, ratio {NUMBER}",
         outcome.last_line,
     ), outcome.last_line
+
+
+def test_upstream_keepalive_can_be_set(tmp_path: Path) -> None:
+    outcome = run_loadtest(
+        tmp_path, "scale", *SHORT, "-c", "2", "--pool-sizes", "4", "--upstream-keepalive", "8"
+    )
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    assert "keeps up to 8 connections per upstream" in outcome.stdout
 
 
 def test_open_loop_at_a_fixed_rate(tmp_path: Path) -> None:
