@@ -8,6 +8,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from config import GatewaySettings, Users
 from core.errors import (
@@ -24,6 +25,7 @@ from gateway.channel import Channel
 from gateway.dial import Dialed, DialPolicy, dial
 from gateway.errors import (
     AuthRequired,
+    BadRequest,
     GatewayError,
     LoopDetected,
     NoUpstream,
@@ -32,12 +34,20 @@ from gateway.errors import (
     UnknownPool,
     UpstreamError,
 )
+from gateway.protocols import (
+    BadCredentials,
+    ForwardHeaders,
+    Headers,
+    HttpProtocolError,
+    parse_basic_auth,
+    split_proxy_headers,
+)
 from gateway.relay import relay
 from gateway.retry_budget import RetryBudget
-from gateway.routing import Route, UsernameParams, parse_username
+from gateway.routing import Route, UsernameParams, choose_route, parse_username
 from gateway.upstream_connections import KeepAliveLimits, UpstreamConnections
 
-__all__ = ["GatewayContext", "Leased"]
+__all__ = ["GatewayContext", "Leased", "Routed"]
 
 log = logging.getLogger("proxygate.gateway")
 
@@ -50,6 +60,16 @@ class Leased:
 
     lease: Lease
     dialed: Dialed
+
+
+class Routed(NamedTuple):
+    """Where an HTTP request goes, decided from its header fields."""
+
+    fields: ForwardHeaders
+    route: Route
+    #: What `lease_now` asks for; None for a route with a session (a session's lease is
+    #: renewed as it is taken, which needs the awaited path).
+    plain_request: LeaseRequest | None
 
 
 @dataclass(slots=True)
@@ -71,6 +91,8 @@ class GatewayContext:
     idle_clients: set[Channel] = field(default_factory=set)
     #: Leases being given back in tasks of their own (from callbacks, where that had to wait).
     _giving_back: set[asyncio.Task[bool]] = field(default_factory=set)
+    #: Routing decided before, by listener pool and header fields (see `route`).
+    _routes: dict[tuple[str | None, Headers], Routed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.policy = DialPolicy(
@@ -129,6 +151,49 @@ class GatewayContext:
         if self.auth_required and not self.users.verify(params.account, password or ""):
             raise AuthRequired("proxy authentication failed")
         return params
+
+    def route(self, headers: Headers, listener_pool: str | None) -> Routed:
+        """The fields to forward and where an HTTP request with `headers` goes: gateway
+        credentials checked, routing headers and username parameters applied, loops refused.
+
+        Decided once per distinct set of fields: clients send the same ones over and over,
+        and they alone decide (users and pools do not change while the gateway runs)."""
+        key = (listener_pool, headers)
+        routed = self._routes.get(key)
+        if routed is None:
+            routed = self._route(headers, listener_pool)
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[key] = routed
+        return routed
+
+    def _route(self, headers: Headers, listener_pool: str | None) -> Routed:
+        try:
+            fields = split_proxy_headers(headers)
+        except HttpProtocolError as exc:
+            raise BadRequest(str(exc), status=exc.status) from None
+        username = password = None
+        if fields.proxy_authorization is not None:
+            try:
+                username, password = parse_basic_auth(fields.proxy_authorization)
+            except BadCredentials:
+                raise AuthRequired("malformed proxy credentials") from None
+        params = self.authenticate(username, password)
+        route = choose_route(
+            header_pool=fields.pool,
+            header_session=fields.session,
+            header_country=fields.country,
+            username=params,
+            listener_pool=listener_pool,
+            default_pool=self.settings.default_pool,
+        )
+        self.check_via(fields.via)
+        plain = None
+        if route.session is None:
+            plain = LeaseRequest(
+                route.pool, consumer=route.consumer, filters=_filters(route.country, _NONE_TRIED)
+            )
+        return Routed(fields, route, plain)
 
     def check_destination(self, host: str, port: int, *, tunnel: bool) -> None:
         """Refuse loops and policy-denied destinations: literal IPs here, names only after
@@ -336,15 +401,6 @@ class GatewayContext:
             leased.dialed.channel.close()
             await self.give_back(leased.lease)
 
-    def plain_lease_request(self, route: Route) -> LeaseRequest | None:
-        """What `lease_now` asks for on `route`; None for a route with a session (a session's
-        lease is renewed as it is taken, which needs the awaited path)."""
-        if route.session is not None:
-            return None
-        return LeaseRequest(
-            route.pool, consumer=route.consumer, filters=_filters(route.country, _NONE_TRIED)
-        )
-
     def lease_now(self, request: LeaseRequest) -> Lease | None:
         """For a plain HTTP request: a lease got without awaiting, or None when that needs
         waiting (or an answer from the storage), which `lease_and_dial` then does. A lease got
@@ -384,6 +440,7 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
 
 
 _NONE_TRIED: set[str] = set()
+_ROUTES_KEPT = 1024
 _LOCALHOST = ipaddress.ip_address("127.0.0.1")
 _ALLOWED_DESTINATIONS_KEPT = 4096
 _NOT_IN_IP_LITERALS = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")

@@ -10,20 +10,14 @@ from core.models import Lease
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
 from gateway.dial import DialMode, basic_credentials
-from gateway.errors import AuthRequired, BadRequest
 from gateway.exchange import Exchange
 from gateway.protocols import (
-    BadCredentials,
     ForwardHeaders,
-    HttpProtocolError,
     RequestEvent,
     RequestHead,
     RequestParser,
-    parse_basic_auth,
     serialize_request_head,
-    split_proxy_headers,
 )
-from gateway.routing import Route, choose_route
 
 __all__ = [
     "REBOUND_HEADER",
@@ -31,7 +25,6 @@ __all__ = [
     "begin_exchange",
     "end_attempt",
     "rebound_headers",
-    "route_request",
 ]
 
 #: On the first response after a session moved off a failed upstream: that upstream's id.
@@ -40,34 +33,6 @@ REBOUND_HEADER = b"X-Proxy-Session-Rebound"
 #: sent again after a failure, and only they ride a kept connection, which its upstream may be
 #: closing right now.
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
-def route_request(
-    ctx: GatewayContext, head: RequestHead, listener_pool: str | None
-) -> tuple[ForwardHeaders, Route]:
-    """The fields to forward and where the request goes: gateway credentials checked, routing
-    headers and username parameters applied, loops refused."""
-    try:
-        fields = split_proxy_headers(head.headers)
-    except HttpProtocolError as exc:
-        raise BadRequest(str(exc), status=exc.status) from None
-    username = password = None
-    if fields.proxy_authorization is not None:
-        try:
-            username, password = parse_basic_auth(fields.proxy_authorization)
-        except BadCredentials:
-            raise AuthRequired("malformed proxy credentials") from None
-    params = ctx.authenticate(username, password)
-    route = choose_route(
-        header_pool=fields.pool,
-        header_session=fields.session,
-        header_country=fields.country,
-        username=params,
-        listener_pool=listener_pool,
-        default_pool=ctx.settings.default_pool,
-    )
-    ctx.check_via(fields.via)
-    return fields, route
 
 
 def begin_exchange(

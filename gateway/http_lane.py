@@ -17,15 +17,14 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-from core.models import Lease, LeaseRequest, Outcome
+from core.models import Lease, Outcome
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, ExchangeEnd
-from gateway.forwarding import REPLAYABLE, begin_exchange, end_attempt, route_request
+from gateway.forwarding import REPLAYABLE, begin_exchange, end_attempt
 from gateway.protocols import (
     ForwardHeaders,
-    Headers,
     HttpProtocolError,
     RequestEnd,
     RequestEvent,
@@ -71,7 +70,6 @@ class HttpLane:
         "_idle_timer",
         "_listener_pool",
         "_parser",
-        "_routing",
         "_waiter",
         "error",
     )
@@ -95,9 +93,6 @@ class HttpLane:
         #: The request being carried: its head, fields, route and lease.
         self._busy: tuple[RequestHead, ForwardHeaders, Route, Leased] | None = None
         self._idle_since = 0.0
-        # The last request's fields decide its routing alone: a client sending the same
-        # fields again (the usual keep-alive client) is routed as before, without the work.
-        self._routing: tuple[Headers, ForwardHeaders, Route, LeaseRequest | None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         #: A malformed request: the coroutine answers it.
         self.error: HttpProtocolError | None = None
@@ -193,19 +188,11 @@ class HttpLane:
         ):
             self._end(LaneEnd.HANDOVER)
             return
-        routing = self._routing
-        if routing is None or routing[0] != head.headers:
-            try:
-                fields, route = route_request(ctx, head, self._listener_pool)
-            except GatewayError:
-                self._end(LaneEnd.HANDOVER)  # the coroutine routes it again, and answers
-                return
-            routing = self._routing = (head.headers, fields, route, ctx.plain_lease_request(route))
-        _, fields, route, request = routing
         try:
+            fields, route, request = ctx.route(head.headers, self._listener_pool)
             ctx.check_destination(head.host, head.port, tunnel=False)
         except GatewayError:
-            self._end(LaneEnd.HANDOVER)
+            self._end(LaneEnd.HANDOVER)  # the coroutine meets it again, and answers
             return
         lease = ctx.lease_now(request) if request is not None and ctx.connections.enabled else None
         if lease is None:

@@ -26,7 +26,6 @@ from gateway.forwarding import (
     begin_exchange,
     end_attempt,
     rebound_headers,
-    route_request,
 )
 from gateway.http_lane import Attempt, HttpLane, LaneEnd
 from gateway.protocols import (
@@ -134,7 +133,7 @@ async def _tunnel(
     head: RequestHead,
     listener_pool: str | None,
 ) -> None:
-    _, route = route_request(ctx, head, listener_pool)
+    route = ctx.route(head.headers, listener_pool).route
     await ctx.tunnel(
         client,
         route,
@@ -165,7 +164,7 @@ async def _forward(
         fields, route = first.fields, first.route
     else:
         try:
-            fields, route = route_request(ctx, head, listener_pool)
+            fields, route, _ = ctx.route(head.headers, listener_pool)
             ctx.check_destination(head.host, head.port, tunnel=False)
         except GatewayError:
             if lease is not None:  # routed alike by the lane, so not expected; never leaked
