@@ -12,8 +12,11 @@ for a SQL URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -29,7 +32,7 @@ from core.storage.memory import MemoryStorage
 from gateway.admin import build_admin_app
 from gateway.channel import Channel
 from gateway.checkers import build_checkers, learn_real_ip
-from gateway.connection import serve_connection
+from gateway.connection import open_connection
 from gateway.context import GatewayContext
 from gateway.errors import StartupError
 
@@ -51,6 +54,10 @@ class _ClientChannel(Channel):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._gateway.serve(self, self._pool)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._gateway.closed(self)
 
 
 class Gateway:
@@ -78,6 +85,10 @@ class Gateway:
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        #: Every client connection accepted and not yet closed, with a task or without.
+        self._clients: set[Channel] = set()
+        #: Set while stopping, once the last client connection closed.
+        self._drained: asyncio.Event | None = None
         self._context: GatewayContext | None = None
         self._checks: CheckScheduler | None = None
         self._stopped = asyncio.Event()
@@ -208,14 +219,43 @@ class Gateway:
         if self._context is None:  # accepted during shutdown
             channel.close()
             return
-        task = self.loop.create_task(
-            serve_connection(self._context, channel, pool), name="client-connection"
-        )
+        self._clients.add(channel)
+        open_connection(self._context, channel, pool, self._spawn)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections accepted and not yet closed."""
+        return len(self._clients)
+
+    @property
+    def connection_tasks(self) -> int:
+        """Client connections a coroutine is serving (the rest are served from callbacks)."""
+        return len(self._connections)
+
+    def closed(self, channel: Channel) -> None:
+        self._clients.discard(channel)
+        if not self._clients and self._drained is not None:
+            self._drained.set()
+
+    def _spawn(self, serving: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(serving, name="client-connection")
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
     async def serve_until_stopped(self) -> None:
         await self._stopped.wait()
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to `timeout` for the connections' coroutines to end, then for connections
+        served without one to close."""
+        deadline = self.loop.time() + timeout
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=timeout)
+        self._drained = asyncio.Event()
+        if self._clients:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._drained.wait()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let open connections finish for `drain_timeout`, then end them."""
@@ -231,11 +271,13 @@ class Gateway:
             server.close()
         if self._context is not None:
             self._context.begin_drain()
-        if self._connections:
-            log.info("draining %d open connections", len(self._connections))
-            await asyncio.wait(set(self._connections), timeout=drain_timeout)
+        if self._clients:
+            log.info("draining %d open connections", len(self._clients))
+            await self._drain(drain_timeout)
         for task in list(self._connections):
             task.cancel()
+        for channel in list(self._clients):
+            channel.abort()  # served from callbacks alone, and still busy
         if self._connections:
             await asyncio.gather(*self._connections, return_exceptions=True)
         for server in self._servers:

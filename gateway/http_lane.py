@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,6 +70,7 @@ class HttpLane:
         "_idle_since",
         "_idle_timer",
         "_listener_pool",
+        "_on_end",
         "_parser",
         "_waiter",
         "error",
@@ -88,6 +90,7 @@ class HttpLane:
         self._held = held
         self._listener_pool = listener_pool
         self._waiter: asyncio.Future[LaneEnd] | None = None
+        self._on_end: Callable[[HttpLane, LaneEnd], None] | None = None
         self._attempt: Attempt | None = None
         self._ahead: Lease | None = None
         #: The request being carried: its head, fields, route and lease.
@@ -96,6 +99,20 @@ class HttpLane:
         self._idle_timer: asyncio.TimerHandle | None = None
         #: A malformed request: the coroutine answers it.
         self.error: HttpProtocolError | None = None
+
+    @property
+    def parser(self) -> RequestParser:
+        return self._parser
+
+    @property
+    def held(self) -> deque[RequestEvent]:
+        return self._held
+
+    def open(self, data: bytes, on_end: Callable[[HttpLane, LaneEnd], None]) -> None:
+        """Serve a new connection from its first bytes with no coroutine at all; `on_end` is
+        called when one is needed after all, or the connection is over."""
+        self._on_end = on_end
+        self._on_bytes(data)
 
     async def serve(self) -> LaneEnd:
         """Serve requests until one needs the coroutine, or the connection is over."""
@@ -148,7 +165,7 @@ class HttpLane:
 
     def _check_idle(self) -> None:
         self._idle_timer = None
-        if self._waiter is None or self._busy is not None:
+        if (self._waiter is None and self._on_end is None) or self._busy is not None:
             return
         client = self._client
         deadline = self._idle_since + self._ctx.settings.idle_timeout
@@ -235,5 +252,11 @@ class HttpLane:
 
     def _end(self, end: LaneEnd) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(end)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(end)
+            return
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            self._stop_listening()
+            on_end(self, end)

@@ -45,23 +45,30 @@ _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _PROXY_AUTHENTICATE = ((b"Proxy-Authenticate", b'Basic realm="proxygate"'),)
 
 
-async def serve_http(ctx: GatewayContext, client: Channel, listener_pool: str | None) -> None:
-    """Serve HTTP proxy requests on `client` until it closes or an error ends it."""
-    parser = RequestParser()
-    held: deque[RequestEvent] = deque()
+async def serve_http(
+    ctx: GatewayContext, client: Channel, listener_pool: str | None, lane: HttpLane | None = None
+) -> None:
+    """Serve HTTP proxy requests on `client` until it closes or an error ends it; `lane`, when
+    given, served the connection so far and has just handed it over."""
+    handed_over = lane is not None
+    if lane is None:
+        lane = HttpLane(ctx, client, RequestParser(), deque(), listener_pool)
+    parser, held = lane.parser, lane.held
     settings = ctx.settings
-    lane = HttpLane(ctx, client, parser, held, listener_pool)
     ahead: Lease | None = None
     while True:
-        if not held:
+        if handed_over or not held:
             # Between requests the lane listens, and serves what it can without this
             # coroutine; it wakes it for the rest.
-            if ctx.draining:
-                return
-            end = await lane.serve()
+            if handed_over:
+                handed_over = False
+            else:
+                if ctx.draining:
+                    return
+                end = await lane.serve()
+                if end is LaneEnd.CLOSE:
+                    return
             ahead = lane.take_lease()
-            if end is LaneEnd.CLOSE:
-                return
             if lane.error is not None:
                 _answer_error(client, BadRequest(str(lane.error), status=lane.error.status))
                 return

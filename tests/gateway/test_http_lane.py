@@ -229,3 +229,62 @@ async def test_each_request_is_routed_by_its_own_fields(
         writer.write(get_as(bad, 9))
         assert (await read_response(reader)).status == 407
     assert (first.requests, second.requests) == (3, 2)
+
+
+async def test_a_client_that_sends_nothing_is_closed_after_header_timeout(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway('[gateway]\nlisten = ["127.0.0.1:0"]\nheader_timeout = 0.2\n')
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, _):
+        assert await closed_by_peer(reader)
+
+
+async def test_a_client_leaving_before_its_first_byte_is_forgotten(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway()
+    for _ in range(5):
+        async with raw_connection(gateway.listen_addresses[0]):
+            pass
+    for _ in range(200):
+        if not gateway.open_connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not gateway.open_connections
+
+
+async def test_stopping_waits_for_a_request_served_without_a_coroutine(
+    start_gateway: StartGateway, origin: Origin, sim_upstreams: list[SimUpstream]
+) -> None:
+    """A request carried from callbacks alone (no task) still counts as open when the gateway
+    stops: it finishes within the drain window."""
+    gateway = await lane_gateway(start_gateway, sim_upstreams)
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        for i in range(2):  # kept connections to both upstreams
+            writer.write(get(origin, f"/echo?i={i}"))
+            assert (await read_response(reader)).status == 200
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        writer.write(get(origin, "/slow?seconds=0.3"))
+        await asyncio.sleep(0.1)
+        assert gateway.connection_tasks == 0  # carried by the lane alone
+        assert gateway.open_connections == 1
+        stopping = asyncio.create_task(gateway.stop(drain_timeout=5.0))
+        answer = await read_response(reader)
+        assert (answer.status, answer.body) == (200, b"slept 0.3\n")
+        await asyncio.wait_for(stopping, 5.0)
+
+
+async def test_stopping_cuts_a_request_served_without_a_coroutine_after_the_drain_window(
+    start_gateway: StartGateway, origin: Origin, sim_upstreams: list[SimUpstream]
+) -> None:
+    gateway = await lane_gateway(start_gateway, sim_upstreams)
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        for i in range(2):
+            writer.write(get(origin, f"/echo?i={i}"))
+            assert (await read_response(reader)).status == 200
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        writer.write(get(origin, "/slow?seconds=3"))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(gateway.stop(drain_timeout=0.2), 5.0)
+        assert await closed_by_peer(reader)
+    assert await leases_held(gateway) == 0
