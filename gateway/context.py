@@ -191,7 +191,7 @@ class GatewayContext:
         plain = None
         if route.session is None:
             plain = LeaseRequest(
-                route.pool, consumer=route.consumer, filters=_filters(route.country, _NONE_TRIED)
+                route.pool, consumer=route.consumer, filters=_filters(route.country, set())
             )
         return Routed(fields, route, plain)
 
@@ -439,7 +439,6 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
     return Filter(country=country, predicate=lambda upstream: upstream.id not in excluded)
 
 
-_NONE_TRIED: set[str] = set()
 _ROUTES_KEPT = 1024
 _LOCALHOST = ipaddress.ip_address("127.0.0.1")
 _ALLOWED_DESTINATIONS_KEPT = 4096
