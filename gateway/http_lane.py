@@ -1,13 +1,14 @@
 """The keep-alive lane: everyday plain HTTP requests served from the channels' callbacks.
 
-Between requests a client connection's coroutine sleeps while its lane listens. A request that
-arrives whole, without a body, for a replayable method, routed without error, to an upstream
-that can be leased at once and has a kept connection, is carried start to end in callbacks:
-parsed, leased, sent up, its response relayed, the connection kept and the lease given back,
-with no coroutine woken and no future made. Anything else (a partial head, a body, CONNECT,
-a lease that needs waiting, a dial, a failed exchange) wakes the coroutine, which carries on
-with the same parser and held events, the lease the lane took (`take_lease`), or from the
-lane's attempt (`take_attempt`).
+A client connection's lane listens from its first bytes on, and between requests; a coroutine
+serves the connection only once the lane hands it over (until then there is none, or it
+sleeps). A request that arrives whole, without a body, for a replayable method, routed without
+error, to an upstream that can be leased at once and has a kept connection, is carried start to
+end in callbacks: parsed, leased, sent up, its response relayed, the connection kept and the
+lease given back, with no coroutine woken and no future made. Anything else (a partial head, a
+body, CONNECT, a lease that needs waiting, a dial, a failed exchange) goes to the coroutine,
+which carries on with the same parser and held events, the lease the lane took
+(`take_lease`), or from the lane's attempt (`take_attempt`).
 """
 
 from __future__ import annotations
