@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -287,4 +288,61 @@ async def test_stopping_cuts_a_request_served_without_a_coroutine_after_the_drai
         await asyncio.sleep(0.1)
         await asyncio.wait_for(gateway.stop(drain_timeout=0.2), 5.0)
         assert await closed_by_peer(reader)
+    assert await leases_held(gateway) == 0
+
+
+async def test_many_clients_mixing_every_kind_of_request_get_every_answer_in_order(
+    start_gateway: StartGateway, origin: Origin, sim_upstreams: list[SimUpstream]
+) -> None:
+    """Lane and coroutine take turns on each connection, many connections at once: plain
+    requests, bodies, heads in pieces, pipelined runs and target errors, in a seeded order."""
+    gateway = await lane_gateway(start_gateway, sim_upstreams)
+    body = pattern(3_000)
+    upload = request(
+        "POST",
+        origin.url_for("/upload"),
+        headers=[("Host", f"127.0.0.1:{origin.port}"), ("Content-Length", str(len(body)))],
+        body=body,
+    )
+
+    async def client(seed: int) -> int:
+        rng = random.Random(seed)
+        answered = 0
+        async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+            for step in range(12):
+                kind = rng.choice(["get", "get", "get", "upload", "pieces", "pipelined", "503"])
+                if kind == "get":
+                    writer.write(get(origin, f"/echo?c={seed}&s={step}"))
+                    assert (
+                        echo_of(await read_response(reader))["path"] == f"/echo?c={seed}&s={step}"
+                    )
+                elif kind == "upload":
+                    writer.write(upload)
+                    assert echo_of(await read_response(reader))["length"] == len(body)
+                elif kind == "pieces":
+                    head = get(origin, f"/echo?c={seed}&s={step}")
+                    cut = rng.randrange(1, len(head))
+                    writer.write(head[:cut])
+                    await asyncio.sleep(0.01)
+                    writer.write(head[cut:])
+                    assert (
+                        echo_of(await read_response(reader))["path"] == f"/echo?c={seed}&s={step}"
+                    )
+                elif kind == "pipelined":
+                    paths = [f"/echo?c={seed}&s={step}&p={i}" for i in range(3)]
+                    writer.write(b"".join(get(origin, path) for path in paths))
+                    for path in paths:
+                        assert echo_of(await read_response(reader))["path"] == path
+                else:
+                    writer.write(get(origin, "/status/503"))
+                    assert (await read_response(reader)).status == 503
+                answered += 1
+        return answered
+
+    results = await asyncio.wait_for(asyncio.gather(*(client(seed) for seed in range(16))), 60)
+    assert results == [12] * 16
+    for _ in range(200):
+        if await leases_held(gateway) == 0:
+            break
+        await asyncio.sleep(0.01)
     assert await leases_held(gateway) == 0
