@@ -200,10 +200,8 @@ def _acquire_statement(
     )
 
 
-def _releases() -> tuple[Any, Any, Any]:
-    """Release the leases `p_leases`, as `_release_statement` does: the leases deleted (`gone`),
-    how many each upstream lost (`freed`: key, n), and those upstreams locked in key order
-    (`freeing`). The counts come off the upstreams in the acquire's bump."""
+def _deleted_leases() -> Any:
+    """The leases `p_leases` deleted, locked first in id order: their ids and upstream keys."""
     doomed = (
         select(leases.c.id)
         .where(leases.c.id == any_(bindparam("p_leases", type_=ARRAY(BigInteger))))
@@ -211,12 +209,19 @@ def _releases() -> tuple[Any, Any, Any]:
         .with_for_update()
         .cte("doomed")
     )
-    gone = (
+    return (
         delete(leases)
         .where(leases.c.id == doomed.c.id)
         .returning(leases.c.id, leases.c.upstream_key)
         .cte("gone")
     )
+
+
+def _releases() -> tuple[Any, Any, Any]:
+    """Release the leases `p_leases`, as `_release_statement` does: the leases deleted (`gone`),
+    how many each upstream lost (`freed`: key, n), and those upstreams locked in key order
+    (`freeing`). The counts come off the upstreams in the acquire's bump."""
+    gone = _deleted_leases()
     freed = (
         select(gone.c.upstream_key.label("key"), func.count().label("n"))
         .group_by(gone.c.upstream_key)
@@ -416,19 +421,7 @@ _RELEASE_ONE = (
 
 def _release_statement() -> Select[Any]:
     """Delete the leases `p_leases` and count each off its upstream; the ids deleted."""
-    doomed = (
-        select(leases.c.id)
-        .where(leases.c.id == any_(bindparam("p_leases", type_=ARRAY(BigInteger))))
-        .order_by(leases.c.id)
-        .with_for_update()
-        .cte("doomed")
-    )
-    gone = (
-        delete(leases)
-        .where(leases.c.id == doomed.c.id)
-        .returning(leases.c.id, leases.c.upstream_key)
-        .cte("gone")
-    )
+    gone = _deleted_leases()
     counts = (
         select(gone.c.upstream_key, func.count().label("n"))
         .group_by(gone.c.upstream_key)
