@@ -43,6 +43,15 @@ def get(origin: Origin, path: str) -> bytes:
     return request("GET", origin.url_for(path), headers=[("Host", f"127.0.0.1:{origin.port}")])
 
 
+async def served(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: Origin, n: int
+) -> None:
+    """`n` plain requests on one connection, each answered 200 before the next goes out."""
+    for i in range(n):
+        writer.write(get(origin, f"/echo?i={i}"))
+        assert (await read_response(reader)).status == 200
+
+
 async def lane_gateway(
     start_gateway: StartGateway, upstreams: list[SimUpstream], settings: str = ""
 ) -> Gateway:
@@ -137,9 +146,7 @@ async def test_a_connect_after_served_requests_tunnels(
     gateway = await lane_gateway(start_gateway, sim_upstreams)
     host, port = echo_server.address
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
-        for i in range(2):
-            writer.write(get(origin, f"/echo?i={i}"))
-            assert (await read_response(reader)).status == 200
+        await served(reader, writer, origin, 2)
         writer.write(request("CONNECT", f"{host}:{port}", headers=[("Host", f"{host}:{port}")]))
         assert (await read_head(reader))[1] == 200
         writer.write(b"ping")
@@ -179,9 +186,7 @@ async def test_stopping_the_gateway_closes_clients_idle_between_requests(
 ) -> None:
     gateway = await lane_gateway(start_gateway, sim_upstreams)
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
-        for i in range(3):
-            writer.write(get(origin, f"/echo?i={i}"))
-            assert (await read_response(reader)).status == 200
+        await served(reader, writer, origin, 3)
         await asyncio.wait_for(gateway.stop(drain_timeout=5.0), 5.0)
         assert await closed_by_peer(reader)
 
@@ -191,9 +196,7 @@ async def test_a_client_leaving_mid_response_gives_its_lease_back(
 ) -> None:
     gateway = await lane_gateway(start_gateway, sim_upstreams)
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
-        for i in range(2):
-            writer.write(get(origin, f"/echo?i={i}"))
-            assert (await read_response(reader)).status == 200
+        await served(reader, writer, origin, 2)
         writer.write(get(origin, "/slow?seconds=0.5"))
         await asyncio.sleep(0.1)
         assert await leases_held(gateway) == 1
@@ -261,9 +264,7 @@ async def test_stopping_waits_for_a_request_served_without_a_coroutine(
     stops: it finishes within the drain window."""
     gateway = await lane_gateway(start_gateway, sim_upstreams)
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
-        for i in range(2):  # kept connections to both upstreams
-            writer.write(get(origin, f"/echo?i={i}"))
-            assert (await read_response(reader)).status == 200
+        await served(reader, writer, origin, 2)  # kept connections to both upstreams
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
         writer.write(get(origin, "/slow?seconds=0.3"))
         await asyncio.sleep(0.1)
@@ -280,9 +281,7 @@ async def test_stopping_cuts_a_request_served_without_a_coroutine_after_the_drai
 ) -> None:
     gateway = await lane_gateway(start_gateway, sim_upstreams)
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
-        for i in range(2):
-            writer.write(get(origin, f"/echo?i={i}"))
-            assert (await read_response(reader)).status == 200
+        await served(reader, writer, origin, 2)
     async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
         writer.write(get(origin, "/slow?seconds=3"))
         await asyncio.sleep(0.1)
