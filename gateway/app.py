@@ -271,7 +271,7 @@ class Gateway:
             server.close()
         if self._context is not None:
             self._context.begin_drain()
-        if self._clients:
+        if self._clients or self._connections:
             log.info("draining %d open connections", len(self._clients))
             await self._drain(drain_timeout)
         for task in list(self._connections):
