@@ -158,11 +158,13 @@ class LeaseManager:
         Raises PoolNotFound, or NoUpstreamAvailable (at once when nothing could ever match,
         after `timeout` when everything stayed busy).
         """
-        lease = self.acquire_now(request)
-        if lease is not None:
-            return lease
         offer = True
-        if request.session is not None or not self._waiters.get(request.pool):
+        if self._leases_now(request):
+            lease = self._lease_now(request)
+            if lease is not None:
+                return lease
+            offer = False  # the storage just said all are busy: into the line
+        elif request.session is not None or not self._waiters.get(request.pool):
             lease = await self.storage.acquire(
                 request, holder=self.instance_id, now=self.clock.now()
             )
@@ -183,15 +185,20 @@ class LeaseManager:
         no session, nobody waiting in line, no callbacks. None means nothing was leased here;
         `acquire` then does it all (the storage's errors are raised as `acquire` raises them).
         """
-        storage = self._immediate
-        if (
-            storage is None
+        return self._lease_now(request) if self._leases_now(request) else None
+
+    def _leases_now(self, request: LeaseRequest) -> bool:
+        return not (
+            self._immediate is None
             or request.session is not None
             or self._on_acquire
             or self._waiters.get(request.pool)
-        ):
-            return None
-        lease = storage.acquire_now(request, holder=self.instance_id, now=self.clock.now())
+        )
+
+    def _lease_now(self, request: LeaseRequest) -> Lease | None:
+        assert self._immediate is not None
+        now = self.clock.now()
+        lease = self._immediate.acquire_now(request, holder=self.instance_id, now=now)
         if lease is not None:
             self._in_use[lease.id] = lease
             self._upstreams[lease.upstream.id] = lease.upstream

@@ -82,14 +82,11 @@ class Coalescer(Generic[A, R]):
     async def call(self, argument: A) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((argument, future))
-        self._kick()
+        self.kick()
         return await future
 
     def kick(self) -> None:
         """Send what waits, if nothing holds it back any more."""
-        self._kick()
-
-    def _kick(self) -> None:
         if self._hold is not None and self._hold():
             return  # whoever holds calls back `kick`, or `take`s them
         if self._queue and not self._scheduled and self._running < self._in_flight:
@@ -104,7 +101,7 @@ class Coalescer(Generic[A, R]):
         ]
         del self._queue[: self._max_batch]
         if not batch:
-            self._kick()
+            self.kick()
             return
         self._running += 1
         task = asyncio.get_running_loop().create_task(self._execute(batch), name="sql-batch")
@@ -131,7 +128,7 @@ class Coalescer(Generic[A, R]):
                     self._orphan(result)
         finally:
             self._running -= 1
-            self._kick()
+            self.kick()
 
 
 class Batcher:
