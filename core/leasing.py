@@ -29,7 +29,7 @@ from typing import cast
 
 from core.backlog import Backlog, LeaseWrite, OutcomeWrite
 from core.clock import Clock, SystemClock
-from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable
+from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable, UpstreamNotFound
 from core.health import HealthUpdate, RecordSource, Transition
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
 from core.storage.interface import ImmediateLeasing, Storage
@@ -98,6 +98,8 @@ class LeaseManager:
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Outcomes reported without waiting (`report_soon`), until the storage took them.
+        self._reports: set[asyncio.Task[None]] = set()
         # Leases acquired here and not yet put back, and the upstream of every lease granted
         # (what a traffic outcome kept for later is answered with).
         self._in_use: dict[str, Lease] = {}
@@ -122,6 +124,8 @@ class LeaseManager:
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+        if self._reports:
+            await asyncio.gather(*self._reports)
         if self._backlog:
             try:
                 await self._apply_backlog()
@@ -362,6 +366,26 @@ class LeaseManager:
             return HealthUpdate(known, Transition.NONE)
         self._recorded(update)
         return update
+
+    def report_soon(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
+        """`report` a traffic outcome without waiting for the storage to take it (a request
+        need not wait for a health write to go on): from a task of its own, started on the
+        next loop turn. `close()` waits for those still on their way."""
+        task = asyncio.get_running_loop().create_task(
+            self._report_quietly(upstream_id, outcome, latency), name="report-outcome"
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_quietly(
+        self, upstream_id: str, outcome: Outcome, latency: float | None
+    ) -> None:
+        try:
+            await self.report(upstream_id, outcome, latency)
+        except UpstreamNotFound:
+            pass  # removed meanwhile: its health is nobody's concern any more
+        except Exception:
+            log.warning("outcome for upstream %s not recorded", upstream_id, exc_info=True)
 
     def _recorded(self, update: HealthUpdate) -> None:
         if update.transition is not Transition.NONE:

@@ -350,7 +350,8 @@ class GatewayContext:
         except BaseException:
             await manager.put_back(lease)
             raise
-        await manager.report(lease.upstream.id, Outcome.OK, dialed.connect_latency)
+        # The request goes on at once: a success changes no routing decision of its own.
+        manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
         return Leased(lease, dialed)
 
     async def _acquire(self, route: Route, tried: set[str]) -> Lease:

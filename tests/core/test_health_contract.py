@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from core.errors import NoUpstreamAvailable, SessionFailed, UpstreamNotFound
@@ -173,6 +175,73 @@ async def test_history_keeps_the_newest_results_oldest_first(storage: Storage) -
     ]
     with pytest.raises(UpstreamNotFound):
         await storage.history("up-missing")
+
+
+# Outcomes reported at the same time: PostgreSQL records them together, in one transaction,
+# and must come to what one at a time would.
+
+
+async def test_concurrent_failures_eject_once_at_the_threshold(storage: Storage) -> None:
+    members = await make_pool(storage, 4)
+    uid = members[0].id
+    updates = await asyncio.gather(
+        *(storage.record_outcome(uid, Outcome.CONNECT_REFUSED, None, NOW + i) for i in range(8))
+    )
+    assert [u.transition for u in updates] == [Transition.NONE] * 4 + [Transition.EJECTED] + [
+        Transition.NONE
+    ] * 3
+    ejected = await storage.get_upstream(uid)
+    assert (ejected.status, ejected.failure_streak, ejected.times_ejected) == (
+        HealthStatus.EJECTED,
+        8,
+        1,
+    )
+
+
+async def test_concurrent_failures_across_a_pool_respect_the_panic_threshold(
+    storage: Storage,
+) -> None:
+    members = await make_pool(storage, 5)
+    updates = await asyncio.gather(
+        *(
+            storage.record_outcome(member.id, Outcome.CONNECT_REFUSED, None, NOW)
+            for _ in range(5)
+            for member in members
+        )
+    )
+    transitions = [u.transition for u in updates]
+    assert transitions.count(Transition.EJECTED) == 2
+    stats = await storage.stats("p", NOW)
+    assert (stats.ejected, stats.active, stats.panic) == (2, 3, True)
+
+
+async def test_concurrent_outcomes_keep_their_order_and_a_missing_upstream_fails_alone(
+    storage: Storage,
+) -> None:
+    await storage.add_pool(Pool("p", health=HealthPolicy(history_size=3)))
+    await storage.add_upstreams([upstream(0), upstream(1)])
+    first, second = upstream(0).id, upstream(1).id
+    results = await asyncio.gather(
+        storage.record_outcome(first, Outcome.OK, 0.5, NOW),
+        storage.record_outcome("up-missing", Outcome.OK, 0.5, NOW),
+        storage.record_outcome(second, Outcome.CONNECT_REFUSED, None, NOW + 1),
+        storage.record_outcome(first, Outcome.CONNECT_REFUSED, None, NOW + 1),
+        storage.record_outcome(first, Outcome.OK, 0.25, NOW + 2),
+        storage.record_outcome(first, Outcome.OK, 0.125, NOW + 3),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], UpstreamNotFound)
+    assert not any(isinstance(r, BaseException) for i, r in enumerate(results) if i != 1)
+    history = await storage.history(first)
+    assert [(r.at, r.outcome, r.latency) for r in history] == [
+        (NOW + 1, Outcome.CONNECT_REFUSED, None),
+        (NOW + 2, Outcome.OK, 0.25),
+        (NOW + 3, Outcome.OK, 0.125),
+    ]
+    kept = await storage.get_upstream(first)
+    assert kept.failure_streak == 0
+    assert kept.latency_ewma == pytest.approx(0.5 + 0.3 * (0.25 - 0.5) + 0.3 * (0.125 - 0.425))
+    assert [r.outcome for r in await storage.history(second)] == [Outcome.CONNECT_REFUSED]
 
 
 async def test_health_survives_in_what_storage_returns(storage: Storage) -> None:

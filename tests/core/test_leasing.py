@@ -11,7 +11,7 @@ from core.clock import ManualClock
 from core.errors import NoUpstreamAvailable, PoolNotFound
 from core.filters import Filter
 from core.leasing import LeaseEvent, LeaseEventKind, LeaseManager
-from core.models import Lease, LeaseRequest, Pool
+from core.models import Lease, LeaseRequest, Outcome, Pool
 from core.storage.interface import Storage
 from tests.core.conftest import make_pool, upstream
 
@@ -326,3 +326,20 @@ async def test_a_session_in_use_does_not_expire_until_its_last_user_is_done(
     assert await manager.sweep() == []
     clock.advance(1.0)
     assert [lease.id for lease in await manager.sweep()] == [first.id]
+
+
+async def test_outcomes_reported_without_waiting_are_recorded_by_close(
+    storage: Storage, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    members = await make_pool(storage, 2)
+    manager = LeaseManager(storage, clock=clock, sweep_interval=3600)
+    async with manager:
+        for _ in range(3):
+            manager.report_soon(members[0].id, Outcome.CONNECT_REFUSED, None)
+        manager.report_soon(members[1].id, Outcome.OK, 0.25)
+        # An upstream removed meanwhile: nothing to record, nothing to complain about.
+        manager.report_soon("up-missing", Outcome.OK, 0.25)
+    # Leaving the block closed the manager, which waited for every report to be written.
+    assert (await storage.get_upstream(members[0].id)).failure_streak == 3
+    assert (await storage.get_upstream(members[1].id)).latency_ewma == 0.25
+    assert "not recorded" not in caplog.text

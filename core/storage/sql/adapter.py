@@ -22,18 +22,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.errors import CatalogError, CoreError, PoolNotFound
+from core.backlog import OutcomeWrite
+from core.errors import CatalogError, CoreError, PoolNotFound, UpstreamNotFound
 from core.health import HealthRecord, HealthUpdate, RecordSource
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
 from core.storage.sql import catalog, holders, leasing, outcomes
-from core.storage.sql.batching import Batcher
+from core.storage.sql.batching import Batcher, Coalescer
 from core.storage.sql.engine import make_engine
 from core.storage.sql.errors import StorageUnavailable, is_unavailable
 from core.storage.sql.fast import FastPaths
@@ -96,6 +97,10 @@ class SQLStorage:
         self._lanes: Lanes | None = None
         # SQLite: this process's transactions, run one at a time (see `batching`).
         self._batcher: Batcher | None = None
+        # PostgreSQL: what traffic tells of upstreams' health, written together by one
+        # transaction per batch (each outcome alone would lock its upstream's row for a
+        # transaction of its own, and every request dialing one upstream would queue there).
+        self._outcomes: Coalescer[OutcomeWrite, HealthUpdate | UpstreamNotFound] | None = None
         self._holders: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -123,6 +128,7 @@ class SQLStorage:
             self._lanes = Lanes(self._engine, lanes, on_unavailable=self._lost_touch)
             self._fast = FastPaths(self._lanes, self._engine.dialect)
             await self._fast.warm_up()
+            self._outcomes = Coalescer(self._record_outcomes)
         else:
             self._batcher = Batcher(self._engine)
         self._touched()
@@ -140,6 +146,7 @@ class SQLStorage:
         engine, self._engine = self._engine, None
         lanes, self._lanes = self._lanes, None
         self._fast = None
+        self._outcomes = None
         if lanes is not None:
             await lanes.close()
         if engine is not None:
@@ -293,11 +300,22 @@ class SQLStorage:
         source: RecordSource = RecordSource.TRAFFIC,
         detail: str | None = None,
     ) -> HealthUpdate:
+        if source is RecordSource.TRAFFIC and self._outcomes is not None:
+            write = OutcomeWrite(upstream_id, outcome, latency, now, source, detail)
+            result = await self._outcomes.call(write)
+            if isinstance(result, UpstreamNotFound):
+                raise result
+            return result
         return await self._tx(
             lambda conn: outcomes.record_outcome(
                 conn, upstream_id, outcome, latency, now, source, detail
             )
         )
+
+    async def _record_outcomes(
+        self, writes: Sequence[OutcomeWrite]
+    ) -> list[HealthUpdate | UpstreamNotFound]:
+        return await self._tx(lambda conn: outcomes.record_outcomes(conn, writes))
 
     async def eject(self, upstream_id: str, until: float, now: float) -> Upstream:
         return await self._tx(lambda conn: outcomes.eject(conn, upstream_id, until, now))
