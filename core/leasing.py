@@ -367,10 +367,14 @@ class LeaseManager:
         self._recorded(update)
         return update
 
-    def report_soon(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
-        """`report` a traffic outcome without waiting for the storage to take it (a request
-        need not wait for a health write to go on): from a task of its own, started on the
-        next loop turn. `close()` waits for those still on their way."""
+    async def report_soon(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
+        """`report` a traffic outcome without waiting for a storage that takes its time (a
+        request need not wait for a health write to go on): a database's write goes on in a
+        task of its own, started on the next loop turn (`close()` waits for those still on
+        their way); memory's is done at once, which costs less than a task."""
+        if self._immediate:
+            await self._report_quietly(upstream_id, outcome, latency)
+            return
         task = asyncio.get_running_loop().create_task(
             self._report_quietly(upstream_id, outcome, latency), name="report-outcome"
         )

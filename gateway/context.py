@@ -351,7 +351,7 @@ class GatewayContext:
             await manager.put_back(lease)
             raise
         # The request goes on at once: a success changes no routing decision of its own.
-        manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
+        await manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
         return Leased(lease, dialed)
 
     async def _acquire(self, route: Route, tried: set[str]) -> Lease:

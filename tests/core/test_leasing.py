@@ -335,10 +335,10 @@ async def test_outcomes_reported_without_waiting_are_recorded_by_close(
     manager = LeaseManager(storage, clock=clock, sweep_interval=3600)
     async with manager:
         for _ in range(3):
-            manager.report_soon(members[0].id, Outcome.CONNECT_REFUSED, None)
-        manager.report_soon(members[1].id, Outcome.OK, 0.25)
+            await manager.report_soon(members[0].id, Outcome.CONNECT_REFUSED, None)
+        await manager.report_soon(members[1].id, Outcome.OK, 0.25)
         # An upstream removed meanwhile: nothing to record, nothing to complain about.
-        manager.report_soon("up-missing", Outcome.OK, 0.25)
+        await manager.report_soon("up-missing", Outcome.OK, 0.25)
     # Leaving the block closed the manager, which waited for every report to be written.
     assert (await storage.get_upstream(members[0].id)).failure_streak == 3
     assert (await storage.get_upstream(members[1].id)).latency_ewma == 0.25
