@@ -113,7 +113,7 @@ class HttpLane:
         """Serve a new connection from its first bytes with no coroutine at all; `on_end` is
         called when one is needed after all, or the connection is over."""
         self._on_end = on_end
-        self._on_bytes(data)
+        self._read_request(data)
 
     async def serve(self) -> LaneEnd:
         """Serve requests until one needs the coroutine, or the connection is over."""
@@ -121,7 +121,7 @@ class HttpLane:
         waiter = self._waiter = client.loop.create_future()
         try:
             if client.buffer:
-                self._on_bytes(client.take_buffer())
+                self._read_request(client.take_buffer())
             else:
                 self._listen()
             end: LaneEnd = await waiter
@@ -179,9 +179,13 @@ class HttpLane:
         self._end(LaneEnd.CLOSE)
 
     def _on_bytes(self, data: bytes) -> None:
+        """The listening sink: the client spoke between requests."""
+        self._client.set_sink(None)
+        self._ctx.idle_clients.discard(self._client)
+        self._read_request(data)
+
+    def _read_request(self, data: bytes) -> None:
         ctx, client = self._ctx, self._client
-        client.set_sink(None)
-        ctx.idle_clients.discard(client)
         if _HEAD_END not in data:
             # A head still coming in: the coroutine holds it to `header_timeout`.
             client.buffer += data

@@ -300,17 +300,14 @@ class SQLStorage:
         source: RecordSource = RecordSource.TRAFFIC,
         detail: str | None = None,
     ) -> HealthUpdate:
+        write = OutcomeWrite(upstream_id, outcome, latency, now, source, detail)
         if source is RecordSource.TRAFFIC and self._outcomes is not None:
-            write = OutcomeWrite(upstream_id, outcome, latency, now, source, detail)
             result = await self._outcomes.call(write)
-            if isinstance(result, UpstreamNotFound):
-                raise result
-            return result
-        return await self._tx(
-            lambda conn: outcomes.record_outcome(
-                conn, upstream_id, outcome, latency, now, source, detail
-            )
-        )
+        else:
+            (result,) = await self._record_outcomes((write,))
+        if isinstance(result, UpstreamNotFound):
+            raise result
+        return result
 
     async def _record_outcomes(
         self, writes: Sequence[OutcomeWrite]

@@ -26,54 +26,17 @@ from core.storage.sql.rows import HEALTH_FIELDS, upstream_from_row
 from core.storage.sql.statements import LIVE
 from core.storage.sql.tables import health_history, pools, upstreams
 
-__all__ = ["eject", "history", "readmit", "readmit_due", "record_outcome", "record_outcomes"]
+__all__ = ["eject", "history", "readmit", "readmit_due", "record_outcomes"]
 
 u = upstreams.c
 h = health_history.c
 _EJECTED = HealthStatus.EJECTED.value
 
 
-async def record_outcome(
-    conn: AsyncConnection,
-    upstream_id: str,
-    outcome: Outcome,
-    latency: float | None,
-    now: float,
-    source: RecordSource,
-    detail: str | None,
-) -> HealthUpdate:
-    row = await live_upstream(conn, upstream_id, lock=True)
-    pool = await load_pool(conn, row.pool)
-    assert pool is not None  # an upstream's pool outlives it
-    policy = pool.health
-    upstream = upstream_from_row(row)
-    transition = Transition.NONE
-    if health.observe(upstream, outcome, latency, now, policy):
-        total, ejected = await _ejection_counts(conn, row.pool)
-        if health.ejection_allowed(total, ejected, policy):
-            _eject(upstream, health.ejection_end(upstream.times_ejected + 1, now, policy), now)
-            transition = Transition.EJECTED
-        else:
-            transition = Transition.PANIC
-    await _save(conn, row.key, upstream)
-    await conn.execute(
-        insert(health_history).values(
-            upstream_key=row.key,
-            at=now,
-            outcome=outcome.value,
-            latency=latency,
-            source=source.value,
-            detail=detail,
-        )
-    )
-    await _trim_history(conn, row.key, policy.history_size)
-    return HealthUpdate(upstream, transition)
-
-
 async def record_outcomes(
     conn: AsyncConnection, writes: Sequence[OutcomeWrite]
 ) -> list[HealthUpdate | UpstreamNotFound]:
-    """`record_outcome` for each of `writes`, in order, in one transaction: each upstream's
+    """`Storage.record_outcome` for each of `writes`, in order, in one transaction: each upstream's
     row is locked once (all of them in key order, the order the lease statements take) and
     written once, its pool read once, the history rows inserted by one statement and trimmed
     once per upstream. A write for an upstream that is gone gets UpstreamNotFound, the others
@@ -125,7 +88,9 @@ async def record_outcomes(
         await conn.execute(insert(health_history), history)
     for key, pool_name, upstream in found.values():
         await _save(conn, key, upstream)
-        await _trim_history(conn, key, policies[pool_name].history_size)
+        size = policies[pool_name].history_size
+        newest = select(h.id).where(h.upstream_key == key).order_by(h.id.desc()).limit(size)
+        await conn.execute(delete(health_history).where(h.upstream_key == key, h.id.not_in(newest)))
     return results
 
 
@@ -189,12 +154,6 @@ async def _ejection_counts(conn: AsyncConnection, pool: str) -> tuple[int, int]:
         )
     ).one()
     return int(total), int(ejected)
-
-
-async def _trim_history(conn: AsyncConnection, key: int, size: int) -> None:
-    """Keep the newest `size` history rows of the upstream with `key`."""
-    newest = select(h.id).where(h.upstream_key == key).order_by(h.id.desc()).limit(size)
-    await conn.execute(delete(health_history).where(h.upstream_key == key, h.id.not_in(newest)))
 
 
 def _eject(upstream: Upstream, until: float, now: float) -> None:
