@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 
 import pytest
 
@@ -435,6 +437,51 @@ async def test_released_leases_are_not_swept_again(storage: Storage) -> None:
     for _ in range(3000):
         await storage.release(await take(storage, LeaseRequest("p", duration=5.0)))
     assert await storage.release_expired(NOW + 10.0) == []
+
+
+async def held_leases_settle(storage: Storage, pool: str = "p") -> list[Lease]:
+    """The pool's leases once storage work nobody waits for (a give-back) has landed."""
+    for _ in range(200):
+        held = await storage.list_leases(pool)
+        if not held:
+            break
+        await asyncio.sleep(0.01)
+    return held
+
+
+@pytest.mark.parametrize("yields", [0, 1, 2, 5])
+async def test_an_acquire_cancelled_midway_leaks_no_lease(storage: Storage, yields: int) -> None:
+    await make_pool(storage, 2)
+    assert await storage.release(await take(storage, LeaseRequest("p")))  # the path warmed up
+    acquiring = asyncio.ensure_future(storage.acquire(LeaseRequest("p"), holder="h1", now=NOW))
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    acquiring.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        lease = await acquiring
+        assert lease is not None
+        assert await storage.release(lease)  # finished before the cancel: ours to give back
+    assert await held_leases_settle(storage) == []
+    lease = await take(storage, LeaseRequest("p"))  # and the counts are right
+    assert (await storage.stats("p", NOW)).leased == 1
+    assert await storage.release(lease)
+
+
+@pytest.mark.parametrize("yields", [1, 2, 3])
+async def test_a_release_whose_caller_is_cancelled_still_happens(
+    storage: Storage, yields: int
+) -> None:
+    await make_pool(storage, 1, max_concurrency=1)
+    lease = await take(storage, LeaseRequest("p"))
+    releasing = asyncio.ensure_future(storage.release(lease))
+    for _ in range(yields):
+        await asyncio.sleep(0)
+    releasing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await releasing
+    assert await held_leases_settle(storage) == []
+    assert (await storage.stats("p", NOW)).leased == 0
+    assert await storage.release(await take(storage, LeaseRequest("p")))
 
 
 # -- sessions -------------------------------------------------------------------------------

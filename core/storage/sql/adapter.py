@@ -203,6 +203,14 @@ class SQLStorage:
         if holder not in self._holders:
             await self._tx(lambda conn: holders.beat(conn, self._flavor, [holder]))
             self._holders.add(holder)
+        fast = self._fast
+        if fast is not None and fast.handles(request):
+            # Safe to cancel as it is: a lease granted to a caller gone is given back there.
+            lease = await fast.acquire(request, holder, now)
+            if lease is not False:
+                return lease
+            # The fast path could not decide (unknown pool, pool settings changed, nothing
+            # free): the full transaction decides, and explains an empty pool.
         # Shielded: a caller cancelled mid-transaction must not leave a lease nobody holds.
         task = asyncio.ensure_future(self._acquire(request, holder, now))
         try:
@@ -215,12 +223,6 @@ class SQLStorage:
 
     async def _acquire(self, request: LeaseRequest, holder: str, now: float) -> Lease | None:
         fast = self._fast
-        if fast is not None and fast.handles(request):
-            lease = await fast.acquire(request, holder, now)
-            if lease is not False:
-                return lease
-            # The fast path could not decide (unknown pool, pool settings changed, nothing
-            # free): the full transaction decides, and explains an empty pool.
 
         async def body(conn: AsyncConnection) -> Lease | None:
             pool = await leasing.load_pool(conn, request.pool)
@@ -236,14 +238,11 @@ class SQLStorage:
         lease_id = leasing.lease_key(lease)
         if lease_id is None:
             return False
-        # Shielded: a release the caller stopped waiting for still happens.
-        return await asyncio.shield(self._release(lease_id))
-
-    async def _release(self, lease_id: int) -> bool:
         fast = self._fast
+        # Shielded: a release the caller stopped waiting for still happens.
         if fast is not None:
-            return await fast.release(lease_id)
-        return await self._tx(lambda conn: leasing.drop(conn, lease_id))
+            return await asyncio.shield(fast.release(lease_id))
+        return await asyncio.shield(self._tx(lambda conn: leasing.drop(conn, lease_id)))
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
         lease_id = leasing.lease_key(lease)

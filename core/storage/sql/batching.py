@@ -80,10 +80,15 @@ class Coalescer(Generic[A, R]):
         return taken
 
     async def call(self, argument: A) -> R:
+        return await self.submit(argument)
+
+    def submit(self, argument: A) -> asyncio.Future[R]:
+        """The call, made without waiting: its future settles once its batch ran. A call whose
+        future was cancelled before its batch went out is left out of it."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((argument, future))
         self.kick()
-        return await future
+        return future
 
     def kick(self) -> None:
         """Send what waits, if nothing holds it back any more."""
@@ -91,10 +96,13 @@ class Coalescer(Generic[A, R]):
             return  # whoever holds calls back `kick`, or `take`s them
         if self._queue and not self._scheduled and self._running < self._in_flight:
             self._scheduled = True
-            # At the end of this loop turn: the callers woken in this turn join the batch.
-            asyncio.get_running_loop().call_soon(self._send)
+            task = asyncio.get_running_loop().create_task(self._send(), name="sql-batch")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _send(self) -> None:
+    async def _send(self) -> None:
+        # A task's first step runs at the end of this loop turn: the callers woken in this
+        # turn join the batch.
         self._scheduled = False
         batch = [
             (arg, future) for arg, future in self._queue[: self._max_batch] if not future.done()
@@ -104,11 +112,6 @@ class Coalescer(Generic[A, R]):
             self.kick()
             return
         self._running += 1
-        task = asyncio.get_running_loop().create_task(self._execute(batch), name="sql-batch")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _execute(self, batch: list[tuple[A, asyncio.Future[R]]]) -> None:
         try:
             results = await self._run([arg for arg, _ in batch])
         except BaseException as error:

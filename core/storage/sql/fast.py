@@ -38,6 +38,7 @@ which spares each call the engine's per-execution machinery.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any, Literal, NamedTuple
@@ -83,6 +84,8 @@ from core.storage.sql.statements import ACTIVE, LIVE, Flavor, candidates, pick_s
 from core.storage.sql.tables import LEASE_TICK, leases, pools, upstreams
 
 __all__ = ["Compiled", "FastPaths"]
+
+log = logging.getLogger(__name__)
 
 u = upstreams.c
 _POSTGRES = Flavor(postgres=True)
@@ -494,8 +497,6 @@ class FastPaths:
         self._release = Compiled(_release_statement(), dialect)
         self._release_one = Compiled(_RELEASE_ONE, dialect)
         self._renew = Compiled(_RENEW, dialect)
-        # Releases of leases granted to callers who had stopped waiting.
-        self._orphans: set[asyncio.Task[bool]] = set()
 
     async def warm_up(self) -> None:
         """Open a lane and prepare the statements every gateway runs (round robin, release,
@@ -541,8 +542,10 @@ class FastPaths:
             raise NoUpstreamAvailable(request.pool, waited=0.0, reason=outcome.value)
         return False
 
-    async def release(self, lease_id: int) -> bool:
-        return await self._releaser.call(lease_id)
+    def release(self, lease_id: int) -> asyncio.Future[bool]:
+        """Whether the lease was released, once its batch ran (which it does even if nobody
+        waits for the answer)."""
+        return self._releaser.submit(lease_id)
 
     async def renew(self, lease_id: int, expires_at: float | None) -> bool | None:
         """True if renewed; None when the full transaction must decide."""
@@ -678,11 +681,7 @@ class FastPaths:
 
     def _disown(self, outcome: _Outcome) -> None:
         if isinstance(outcome, Lease):
-            task = asyncio.get_running_loop().create_task(
-                self.release(int(outcome.id)), name="sql-release-orphan"
-            )
-            self._orphans.add(task)
-            task.add_done_callback(self._orphans.discard)
+            self.release(int(outcome.id)).add_done_callback(_orphan_released)
 
     async def _fetch(self, statement: Compiled, params: dict[str, Any]) -> Any:
         args = statement.args(params)
@@ -693,6 +692,11 @@ class FastPaths:
                 if attempt == DEADLOCK_RETRIES:
                     raise
         raise AssertionError("unreachable")
+
+
+def _orphan_released(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("could not give back a lease granted to a cancelled acquire: %s", error)
 
 
 def _answers(lease_ids: Sequence[int], released: Sequence[int] | None) -> list[bool]:
