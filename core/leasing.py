@@ -25,14 +25,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import cast
+from functools import partial
+from typing import Any, cast
 
 from core.backlog import Backlog, LeaseWrite, OutcomeWrite
 from core.clock import Clock, SystemClock
 from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable, UpstreamNotFound
 from core.health import HealthUpdate, RecordSource, Transition
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
-from core.storage.interface import ImmediateLeasing, Storage
+from core.storage.interface import ImmediateLeasing, PromptLeasing, Storage
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
 
@@ -100,6 +101,8 @@ class LeaseManager:
         self._sweeper: asyncio.Task[None] | None = None
         # Outcomes reported without waiting (`report_soon`), until the storage took them.
         self._reports: set[asyncio.Task[None]] = set()
+        # Releases sent without waiting (`put_back_now` on a prompt storage), until answered.
+        self._releasing: set[asyncio.Future[bool]] = set()
         # Leases acquired here and not yet put back, and the upstream of every lease granted
         # (what a traffic outcome kept for later is answered with).
         self._in_use: dict[str, Lease] = {}
@@ -111,6 +114,7 @@ class LeaseManager:
         self._down_since: float | None = None
         self._last_sweep: float | None = None
         self._immediate = _immediate(storage)
+        self._prompt = _prompt(storage)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class LeaseManager:
                 await sweeper
         if self._reports:
             await asyncio.gather(*self._reports)
+        if self._releasing:
+            await asyncio.wait(self._releasing)
         if self._backlog:
             try:
                 await self._apply_backlog()
@@ -191,12 +197,33 @@ class LeaseManager:
         """
         return self._lease_now(request) if self._leases_now(request) else None
 
+    def acquire_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
+        """Start leasing without awaiting, where `acquire_now` cannot but the storage can,
+        under the same conditions; the future's answer is read with `acquired_soon`, which
+        must be called. None means nothing was started: `acquire` does it all."""
+        storage = self._prompt
+        if storage is None or not self._may_skip_the_line(request):
+            return None
+        return storage.acquire_soon(request, holder=self.instance_id, now=self.clock.now())
+
+    def acquired_soon(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        """The lease `acquire_soon` got, or None when it got none (all busy, or the storage
+        could not decide this way): `acquire` then does it all. Raises what `acquire` raises
+        (and CancelledError when the storage was closed meanwhile)."""
+        assert self._prompt is not None
+        lease = self._prompt.acquired(request, pending)
+        if lease is not None:
+            self._in_use[lease.id] = lease
+            self._upstreams[lease.upstream.id] = lease.upstream
+        return lease
+
     def _leases_now(self, request: LeaseRequest) -> bool:
+        return self._immediate is not None and self._may_skip_the_line(request)
+
+    def _may_skip_the_line(self, request: LeaseRequest) -> bool:
+        """No session, nobody waiting in line for the pool, no callbacks to call."""
         return not (
-            self._immediate is None
-            or request.session is not None
-            or self._on_acquire
-            or self._waiters.get(request.pool)
+            request.session is not None or self._on_acquire or self._waiters.get(request.pool)
         )
 
     def _lease_now(self, request: LeaseRequest) -> Lease | None:
@@ -212,21 +239,43 @@ class LeaseManager:
         """Release a lease without a session without awaiting, when nothing else needs to
         happen (nobody waiting in line for its capacity, no callbacks, nothing kept for an
         unavailable storage). False: nothing was done; `put_back` does it all."""
-        storage = self._immediate
         if (
-            storage is None
-            or lease.session is not None
+            lease.session is not None
             or self._on_release
             or self._waiters.get(lease.pool)
             or self._backlog
             or lease.id in self._lost
         ):
             return False
+        storage = self._immediate
+        if storage is not None:
+            self._in_use.pop(lease.id, None)
+            if not storage.release_now(lease):
+                self._released_twice(lease)
+            return True
+        pending = None if self._prompt is None else self._prompt.release_soon(lease)
+        if pending is None:
+            return False
         self._in_use.pop(lease.id, None)
-        if not storage.release_now(lease):
-            self.double_releases += 1
-            log.debug("lease %s released twice (or after it expired)", lease.id)
+        self._releasing.add(pending)
+        pending.add_done_callback(partial(self._released_soon, lease))
         return True
+
+    def _released_soon(self, lease: Lease, pending: asyncio.Future[bool]) -> None:
+        self._releasing.discard(pending)
+        if pending.cancelled():
+            return  # the storage closed: its sweep takes the lease back
+        error = pending.exception()
+        if isinstance(error, StorageUnavailable):
+            self._keep(LeaseWrite(lease, release=True), error)
+        elif error is not None:
+            log.warning("could not release lease %s: %s", lease.id, error)
+        elif not pending.result():
+            self._released_twice(lease)
+
+    def _released_twice(self, lease: Lease) -> None:
+        self.double_releases += 1
+        log.debug("lease %s released twice (or after it expired)", lease.id)
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
         self._in_use[lease.id] = lease
@@ -263,8 +312,7 @@ class LeaseManager:
         if lost:  # taken back by another process: nothing was ours to release
             return False
         if not released:
-            self.double_releases += 1
-            log.debug("lease %s released twice (or after it expired)", lease.id)
+            self._released_twice(lease)
             return False
         await self._released(lease, True)
         return True
@@ -664,6 +712,14 @@ class LeaseManager:
                 len(lost),
                 silence,
             )
+
+
+def _prompt(storage: Storage) -> PromptLeasing | None:
+    kind = type(storage)  # asked of the class, as in `_immediate`
+    names = ("acquire_soon", "acquired", "release_soon")
+    if all(callable(getattr(kind, name, None)) for name in names):
+        return cast(PromptLeasing, storage)
+    return None
 
 
 def _immediate(storage: Storage) -> ImmediateLeasing | None:

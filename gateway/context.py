@@ -8,7 +8,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from config import GatewaySettings, Users
 from core.errors import (
@@ -412,6 +412,24 @@ class GatewayContext:
         except CoreError:
             return None  # lease_and_dial meets it again, and answers it
 
+    def lease_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
+        """For a plain HTTP request `lease_now` could not serve: the lease asked of the storage
+        without awaiting, read with `leased_soon` once the future is done (which must be
+        called); None when that needs the awaited path (`lease_and_dial`)."""
+        try:
+            return self.manager.acquire_soon(request)
+        except CoreError:
+            return None  # lease_and_dial meets it again, and answers it
+
+    def leased_soon(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        """The lease `lease_soon` got, or None: `lease_and_dial` then leases, waits in line
+        or answers what went wrong. A lease got here is used as one from `lease_now`, or
+        given back with `give_back_unused`."""
+        try:
+            return self.manager.acquired_soon(request, pending)
+        except (Exception, asyncio.CancelledError):
+            return None  # lease_and_dial meets it again, and answers it
+
     def begin_use(self, pool: str) -> None:
         """A request started using a lease from `lease_now` itself (`lease_and_dial` counts
         its own)."""
@@ -426,6 +444,10 @@ class GatewayContext:
     def give_back_soon(self, lease: Lease) -> None:
         """`give_back` from a callback: done at once where leasing allows it."""
         self.retry_budget.request_ended(lease.pool)
+        self.give_back_unused(lease)
+
+    def give_back_unused(self, lease: Lease) -> None:
+        """Give back, from a callback, a lease no request used (`begin_use` not called)."""
         if self.manager.put_back_now(lease):
             return
         task = asyncio.get_running_loop().create_task(self.manager.put_back(lease))

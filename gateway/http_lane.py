@@ -3,9 +3,10 @@
 A client connection's lane listens from its first bytes on, and between requests; a coroutine
 serves the connection only once the lane hands it over (until then there is none, or it
 sleeps). A request that arrives whole, without a body, for a replayable method, routed without
-error, to an upstream that can be leased at once and has a kept connection, is carried start to
-end in callbacks: parsed, leased, sent up, its response relayed, the connection kept and the
-lease given back, with no coroutine woken and no future made. Anything else (a partial head, a
+error, to an upstream that can be leased at once (or, on a database, by the next statement
+sent for many callers, whose answer a callback reads) and has a kept connection, is carried
+start to end in callbacks: parsed, leased, sent up, its response relayed, the connection kept
+and the lease given back, with no coroutine woken. Anything else (a partial head, a
 body, CONNECT, a lease that needs waiting, a dial, a failed exchange) goes to the coroutine,
 which carries on with the same parser and held events, the lease the lane took
 (`take_lease`), or from the lane's attempt (`take_attempt`).
@@ -18,8 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
-from core.models import Lease, Outcome
+from core.models import Lease, LeaseRequest, Outcome
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
 from gateway.errors import GatewayError
@@ -70,6 +72,7 @@ class HttpLane:
         "_held",
         "_idle_since",
         "_idle_timer",
+        "_leasing",
         "_listener_pool",
         "_on_end",
         "_parser",
@@ -96,6 +99,8 @@ class HttpLane:
         self._ahead: Lease | None = None
         #: The request being carried: its head, fields, route and lease.
         self._busy: tuple[RequestHead, ForwardHeaders, Route, Leased] | None = None
+        #: The request whose lease the storage is getting: its head, fields, route and request.
+        self._leasing: tuple[RequestHead, ForwardHeaders, Route, LeaseRequest] | None = None
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         #: A malformed request: the coroutine answers it.
@@ -166,7 +171,7 @@ class HttpLane:
 
     def _check_idle(self) -> None:
         self._idle_timer = None
-        if (self._waiter is None and self._on_end is None) or self._busy is not None:
+        if (self._waiter is None and self._on_end is None) or self._busy or self._leasing:
             return
         client = self._client
         deadline = self._idle_since + self._ctx.settings.idle_timeout
@@ -216,10 +221,40 @@ class HttpLane:
         except GatewayError:
             self._end(LaneEnd.HANDOVER)  # the coroutine meets it again, and answers
             return
-        lease = ctx.lease_now(request) if request is not None and ctx.connections.enabled else None
-        if lease is None:
+        if request is None or not ctx.connections.enabled:
             self._end(LaneEnd.HANDOVER)
             return
+        lease = ctx.lease_now(request)
+        if lease is None:
+            pending = ctx.lease_soon(request)
+            if pending is None:
+                self._end(LaneEnd.HANDOVER)
+                return
+            self._leasing = (head, fields, route, request)
+            pending.add_done_callback(self._on_leased)
+            return
+        self._carry(head, fields, route, lease)
+
+    def _on_leased(self, pending: asyncio.Future[Any]) -> None:
+        leasing, self._leasing = self._leasing, None
+        assert leasing is not None
+        head, fields, route, request = leasing
+        ctx = self._ctx
+        lease = ctx.leased_soon(request, pending)
+        if lease is None:
+            self._end(LaneEnd.HANDOVER)  # the coroutine leases, and waits or answers
+        elif self._client.closed or (self._waiter is None and self._on_end is None):
+            # The client left, or the coroutine that owned the lane is gone.
+            ctx.give_back_unused(lease)
+            self._end(LaneEnd.CLOSE)
+        elif ctx.draining:
+            self._ahead = lease
+            self._end(LaneEnd.HANDOVER)
+        else:
+            self._carry(head, fields, route, lease)
+
+    def _carry(self, head: RequestHead, fields: ForwardHeaders, route: Route, lease: Lease) -> None:
+        ctx, client, held = self._ctx, self._client, self._held
         kept = ctx.connections.borrow(lease.upstream, head.host, head.port)
         if kept is None:
             # A new connection to dial: the coroutine's work, with this lease (leasing again

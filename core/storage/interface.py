@@ -7,13 +7,14 @@ for callers to retry). Times are passed in by the caller, whose clock may be a t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from core.health import HealthRecord, HealthUpdate, RecordSource
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
 
-__all__ = ["UPSTREAM_ATTRIBUTES", "ImmediateLeasing", "Storage"]
+__all__ = ["UPSTREAM_ATTRIBUTES", "ImmediateLeasing", "PromptLeasing", "Storage"]
 
 #: What `update_upstream` may change; the endpoint and the health fields are not among them.
 UPSTREAM_ATTRIBUTES = frozenset(
@@ -42,6 +43,30 @@ class ImmediateLeasing(Protocol):
 
     def release_now(self, lease: Lease) -> bool:
         """What `release` does, done before returning."""
+        ...
+
+
+class PromptLeasing(Protocol):
+    """A storage whose leases come from statements sent for many callers at once can start an
+    acquire without a coroutine: the lease manager then spares the request path a task and a
+    coroutine chain per lease. The answer is read from the future with `acquired`."""
+
+    def acquire_soon(
+        self, request: LeaseRequest, *, holder: str, now: float
+    ) -> asyncio.Future[Any] | None:
+        """`acquire` started; None when this one must be awaited (`acquire`). The storage gives
+        back a lease granted to a future nobody reads, so the caller must read it."""
+        ...
+
+    def acquired(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        """The lease an `acquire_soon` got, or None when it got none: all busy, or the storage
+        could not decide this way (`acquire` decides, and waits). Raises what `acquire`
+        raises."""
+        ...
+
+    def release_soon(self, lease: Lease) -> asyncio.Future[bool] | None:
+        """`release` started, and done whether or not anyone waits for its answer; None when
+        this one must be awaited (`release`)."""
         ...
 
 

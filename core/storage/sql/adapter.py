@@ -37,7 +37,7 @@ from core.storage.sql import catalog, holders, leasing, outcomes
 from core.storage.sql.batching import Batcher, Coalescer
 from core.storage.sql.engine import make_engine
 from core.storage.sql.errors import StorageUnavailable, is_unavailable
-from core.storage.sql.fast import FastPaths
+from core.storage.sql.fast import FastPaths, verdict
 from core.storage.sql.lanes import Lanes
 from core.storage.sql.migrate import schema_status
 from core.storage.sql.statements import Flavor
@@ -221,6 +221,18 @@ class SQLStorage:
                 await self.release(lease)
             raise
 
+    def acquire_soon(
+        self, request: LeaseRequest, *, holder: str, now: float
+    ) -> asyncio.Future[Any] | None:
+        fast = self._fast
+        if fast is None or holder not in self._holders or not fast.handles(request):
+            return None
+        return fast.acquire_soon(request, holder, now)
+
+    def acquired(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        lease = verdict(request, pending.result())
+        return None if lease is False else lease
+
     async def _acquire(self, request: LeaseRequest, holder: str, now: float) -> Lease | None:
         fast = self._fast
 
@@ -243,6 +255,12 @@ class SQLStorage:
         if fast is not None:
             return await asyncio.shield(fast.release(lease_id))
         return await asyncio.shield(self._tx(lambda conn: leasing.drop(conn, lease_id)))
+
+    def release_soon(self, lease: Lease) -> asyncio.Future[bool] | None:
+        lease_id = leasing.lease_key(lease)
+        if self._fast is None or lease_id is None:
+            return None
+        return self._fast.release(lease_id)
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
         lease_id = leasing.lease_key(lease)

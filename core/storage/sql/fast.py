@@ -83,7 +83,7 @@ from core.storage.sql.rows import upstream_from_row
 from core.storage.sql.statements import ACTIVE, LIVE, Flavor, candidates, pick_select
 from core.storage.sql.tables import LEASE_TICK, leases, pools, upstreams
 
-__all__ = ["Compiled", "FastPaths"]
+__all__ = ["Compiled", "FastPaths", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -521,26 +521,29 @@ class FastPaths:
         self, request: LeaseRequest, holder: str, now: float
     ) -> Lease | Literal[False] | None:
         """The lease, None when every match is busy, or False when this cannot decide."""
+        pending = self.acquire_soon(request, holder, now)
+        if pending is None:
+            return False
+        return verdict(request, await pending)
+
+    def acquire_soon(
+        self, request: LeaseRequest, holder: str, now: float
+    ) -> asyncio.Future[_Outcome] | None:
+        """The acquire sent with the next batch, answered through `verdict`; None when this
+        cannot decide. A lease granted to a cancelled future is given back."""
         guarded = request.selector is None
         selector = request.selector or self._selectors.get(request.pool)
         if selector is None:
-            return False
+            return None
         filters = request.filters
         if filters is not None and not to_sql(filters).exact:
-            return False
+            return None
         key = (request.pool, selector, guarded, filters)
         acquirer = self._acquirers.get(key)
         if acquirer is None:
             acquirer = self._acquirer(key)
         expires_at = None if request.duration is None else now + request.duration
-        outcome = await acquirer.call(_Ask(request.pool, request.consumer, holder, now, expires_at))
-        if isinstance(outcome, Lease):
-            return outcome
-        if outcome is _Verdict.BUSY:
-            return None
-        if outcome is _Verdict.NO_MATCH:
-            raise NoUpstreamAvailable(request.pool, waited=0.0, reason=outcome.value)
-        return False
+        return acquirer.submit(_Ask(request.pool, request.consumer, holder, now, expires_at))
 
     def release(self, lease_id: int) -> asyncio.Future[bool]:
         """Whether the lease was released, once its batch ran (which it does even if nobody
@@ -692,6 +695,18 @@ class FastPaths:
                 if attempt == DEADLOCK_RETRIES:
                     raise
         raise AssertionError("unreachable")
+
+
+def verdict(request: LeaseRequest, outcome: _Outcome) -> Lease | Literal[False] | None:
+    """What an acquire's outcome means to its caller: the lease, None when every match is
+    busy, or False when the fast path could not decide."""
+    if isinstance(outcome, Lease):
+        return outcome
+    if outcome is _Verdict.BUSY:
+        return None
+    if outcome is _Verdict.NO_MATCH:
+        raise NoUpstreamAvailable(request.pool, waited=0.0, reason=outcome.value)
+    return False
 
 
 def _orphan_released(future: asyncio.Future[bool]) -> None:
