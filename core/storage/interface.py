@@ -54,8 +54,9 @@ class PromptLeasing(Protocol):
     def acquire_soon(
         self, request: LeaseRequest, *, holder: str, now: float
     ) -> asyncio.Future[Any] | None:
-        """`acquire` started; None when this one must be awaited (`acquire`). The storage gives
-        back a lease granted to a future nobody reads, so the caller must read it."""
+        """`acquire` started; None when this one must be awaited (`acquire`). A lease granted
+        after the future was cancelled is given back by the storage; a future answered must
+        be read with `acquired`, and its lease used or released."""
         ...
 
     def acquired(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
