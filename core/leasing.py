@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
 from typing import Any, cast
 
 from core.backlog import Backlog, LeaseWrite, OutcomeWrite
@@ -101,8 +100,9 @@ class LeaseManager:
         self._sweeper: asyncio.Task[None] | None = None
         # Outcomes reported without waiting (`report_soon`), until the storage took them.
         self._reports: set[asyncio.Task[None]] = set()
-        # Releases sent without waiting (`put_back_now` on a prompt storage), until answered.
-        self._releasing: set[asyncio.Future[bool]] = set()
+        # Releases sent without waiting (`put_back_now` on a prompt storage), until answered:
+        # each one's answer and its lease.
+        self._releasing: dict[asyncio.Future[bool], Lease] = {}
         # Leases acquired here and not yet put back, and the upstream of every lease granted
         # (what a traffic outcome kept for later is answered with).
         self._in_use: dict[str, Lease] = {}
@@ -213,8 +213,7 @@ class LeaseManager:
         assert self._prompt is not None
         lease = self._prompt.acquired(request, pending)
         if lease is not None:
-            self._in_use[lease.id] = lease
-            self._upstreams[lease.upstream.id] = lease.upstream
+            self._hold(lease)
         return lease
 
     def _leases_now(self, request: LeaseRequest) -> bool:
@@ -231,8 +230,7 @@ class LeaseManager:
         now = self.clock.now()
         lease = self._immediate.acquire_now(request, holder=self.instance_id, now=now)
         if lease is not None:
-            self._in_use[lease.id] = lease
-            self._upstreams[lease.upstream.id] = lease.upstream
+            self._hold(lease)
         return lease
 
     def put_back_now(self, lease: Lease) -> bool:
@@ -257,12 +255,12 @@ class LeaseManager:
         if pending is None:
             return False
         self._in_use.pop(lease.id, None)
-        self._releasing.add(pending)
-        pending.add_done_callback(partial(self._released_soon, lease))
+        self._releasing[pending] = lease
+        pending.add_done_callback(self._released_soon)
         return True
 
-    def _released_soon(self, lease: Lease, pending: asyncio.Future[bool]) -> None:
-        self._releasing.discard(pending)
+    def _released_soon(self, pending: asyncio.Future[bool]) -> None:
+        lease = self._releasing.pop(pending)
         if pending.cancelled():
             return  # the storage closed: its sweep takes the lease back
         error = pending.exception()
@@ -277,9 +275,13 @@ class LeaseManager:
         self.double_releases += 1
         log.debug("lease %s released twice (or after it expired)", lease.id)
 
-    async def _acquired(self, lease: Lease, waited: float) -> Lease:
+    def _hold(self, lease: Lease) -> None:
+        """A lease granted here is in use, and its upstream known for its outcomes."""
         self._in_use[lease.id] = lease
         self._upstreams[lease.upstream.id] = lease.upstream
+
+    async def _acquired(self, lease: Lease, waited: float) -> Lease:
+        self._hold(lease)
         if lease.session is not None:
             self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
             if lease.id in self._backlog.leases or self._backlog.lock.locked():
@@ -715,17 +717,19 @@ class LeaseManager:
 
 
 def _prompt(storage: Storage) -> PromptLeasing | None:
-    kind = type(storage)  # asked of the class, as in `_immediate`
-    names = ("acquire_soon", "acquired", "release_soon")
-    if all(callable(getattr(kind, name, None)) for name in names):
+    if _offers(storage, "acquire_soon", "acquired", "release_soon"):
         return cast(PromptLeasing, storage)
     return None
 
 
 def _immediate(storage: Storage) -> ImmediateLeasing | None:
+    if _offers(storage, "acquire_now", "release_now"):
+        return cast(ImmediateLeasing, storage)
+    return None
+
+
+def _offers(storage: Storage, *methods: str) -> bool:
     # Asked of the class, not the object: a wrapper that forwards attribute lookups (one that
     # fails calls on purpose, say) must keep every call going through its awaited methods.
     kind = type(storage)
-    if all(callable(getattr(kind, name, None)) for name in ("acquire_now", "release_now")):
-        return cast(ImmediateLeasing, storage)
-    return None
+    return all(callable(getattr(kind, name, None)) for name in methods)

@@ -171,7 +171,7 @@ class HttpLane:
 
     def _check_idle(self) -> None:
         self._idle_timer = None
-        if (self._waiter is None and self._on_end is None) or self._busy or self._leasing:
+        if self._unowned() or self._busy or self._leasing:
             return
         client = self._client
         deadline = self._idle_since + self._ctx.settings.idle_timeout
@@ -243,7 +243,7 @@ class HttpLane:
         lease = ctx.leased_soon(request, pending)
         if lease is None:
             self._end(LaneEnd.HANDOVER)  # the coroutine leases, and waits or answers
-        elif self._client.closed or (self._waiter is None and self._on_end is None):
+        elif self._client.closed or self._unowned():
             # The client left, or the coroutine that owned the lane is gone.
             ctx.give_back_unused(lease)
             self._end(LaneEnd.CLOSE)
@@ -289,6 +289,10 @@ class HttpLane:
             self._end(LaneEnd.HANDOVER)  # pipelined requests: the coroutine takes them
         else:
             self._listen()
+
+    def _unowned(self) -> bool:
+        """Neither a coroutine (`serve`) nor a callback (`open`) is there to hear the end."""
+        return self._waiter is None and self._on_end is None
 
     def _end(self, end: LaneEnd) -> None:
         waiter = self._waiter

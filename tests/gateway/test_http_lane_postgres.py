@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.app import Gateway
@@ -23,6 +22,7 @@ from tests.gateway.conftest import StartGateway, leases_held
 from tests.gateway.test_http_e2e import pool_toml
 from tests.gateway.test_http_lane import get, served, sim_upstreams
 from tests.gateway.test_http_more import eventually, raw_connection, read_response
+from tests.gateway.test_postgres_restart import books
 from tests.storage.scratch import POSTGRES_URL, postgres_unavailable
 from tests.support.origin import Origin
 
@@ -59,22 +59,10 @@ def count_coroutines(gateway: Gateway) -> list[int]:
     return spawned
 
 
-async def books(url: str) -> list[tuple[int, int]]:
-    """Per upstream: the leases it counts as active, and the lease rows held on it."""
-    connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-    try:
-        rows = await connection.fetch(
-            "SELECT u.active, count(l.id) AS held FROM upstreams u "
-            "LEFT JOIN leases l ON l.upstream_key = u.key GROUP BY u.key ORDER BY u.key"
-        )
-    finally:
-        await connection.close()
-    return [(row["active"], row["held"]) for row in rows]
-
-
 async def all_given_back(gateway: Gateway, url: str, upstreams: int) -> None:
     async def settled() -> bool:
-        return await leases_held(gateway) == 0 and await books(url) == [(0, 0)] * upstreams
+        counted = await books(url)
+        return await leases_held(gateway) == 0 and list(counted.values()) == [(0, 0)] * upstreams
 
     await eventually(settled, "every lease given back and counted off")
     assert gateway.manager.double_releases == 0
