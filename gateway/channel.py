@@ -15,7 +15,7 @@ import contextlib
 import importlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 __all__ = ["BUFFER_LIMIT", "CLOSE_GRACE", "Channel", "ChannelClosed"]
@@ -210,7 +210,7 @@ class Channel(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def write_all(self, pieces: list[bytes]) -> None:
+    def write_all(self, pieces: Sequence[bytes | memoryview]) -> None:
         """Write `pieces` in one go (one system call where the transport can)."""
         if self.transport is not None and not self.closed:
             self.transport.writelines(pieces)

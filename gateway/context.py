@@ -34,6 +34,7 @@ from gateway.errors import (
     UnknownPool,
     UpstreamError,
 )
+from gateway.express import ExpressPlans
 from gateway.protocols import (
     BadCredentials,
     ForwardHeaders,
@@ -84,6 +85,8 @@ class GatewayContext:
     retry_budget: RetryBudget = field(init=False)
     #: Kept connections to upstreams, lent to the next plain HTTP request.
     connections: UpstreamConnections = field(init=False)
+    #: What everyday plain requests and their answers become, decided once each.
+    express: ExpressPlans = field(init=False)
     _allowed_destinations: set[tuple[str, int, bool]] = field(default_factory=set)
     #: Set when the gateway stops: keep-alive connections take no further requests.
     draining: bool = False
@@ -113,6 +116,7 @@ class GatewayContext:
                 max_uses=settings.keepalive_max_uses,
             )
         )
+        self.express = ExpressPlans(self.route, self._check_plain_destination, self.via)
 
     def stats(self) -> dict[str, object]:
         """This process's own figures, for the admin API."""
@@ -214,6 +218,9 @@ class GatewayContext:
         if len(self._allowed_destinations) >= _ALLOWED_DESTINATIONS_KEPT:
             self._allowed_destinations.clear()
         self._allowed_destinations.add(key)
+
+    def _check_plain_destination(self, host: str, port: int) -> None:
+        self.check_destination(host, port, tunnel=False)
 
     def check_via(self, via_values: tuple[bytes, ...]) -> None:
         """A request that already passed through this gateway is a loop."""

@@ -241,6 +241,14 @@ class Exchange:
                 min(self._response_timeout, self._idle_timeout), self._response_overdue
             )
 
+    def expire(self) -> None:
+        """The response's time ran out before this exchange started (its timer was kept by
+        whoever carried the request so far): end now as if its own timer had fired."""
+        if self._response_timer is not None:
+            self._response_timer.cancel()
+            self._response_timer = None
+        self._response_overdue()
+
     def _response_overdue(self) -> None:
         self._response_timer = None
         if not self.got_response:

@@ -24,6 +24,7 @@ __all__ = [
     "REPLAYABLE",
     "begin_exchange",
     "end_attempt",
+    "new_exchange",
     "rebound_headers",
 ]
 
@@ -70,9 +71,23 @@ def begin_exchange(
         dialed.channel.write(serialize_request_head(head.method, target, headers))
     if dialed.early:
         dialed.channel.buffer[:0] = dialed.early
+    return new_exchange(ctx, client, parser, held, head, leased, request_read=request_read)
+
+
+def new_exchange(
+    ctx: GatewayContext,
+    client: Channel,
+    parser: RequestParser,
+    held: deque[RequestEvent],
+    head: RequestHead,
+    leased: Leased,
+    *,
+    request_read: bool,
+) -> Exchange:
+    """The exchange that carries a request whose head went up through `leased`."""
     return Exchange(
         client=client,
-        upstream=dialed.channel,
+        upstream=leased.dialed.channel,
         request_parser=parser,
         held=held,
         method=head.method,
@@ -82,7 +97,7 @@ def begin_exchange(
         via=ctx.via,
         idle_timeout=ctx.settings.idle_timeout,
         response_timeout=ctx.settings.response_timeout,
-        upstream_is_proxy=upstream_is_proxy,
+        upstream_is_proxy=leased.dialed.mode is DialMode.FORWARD,
         # On a retry, and in the lane, the request's end was read from the client already
         # (only bodiless requests are retried or served there).
         request_done=request_read,

@@ -24,9 +24,17 @@ from typing import Any
 from core.models import Lease, LeaseRequest, Outcome
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
+from gateway.dial import DialMode
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, ExchangeEnd
-from gateway.forwarding import REPLAYABLE, begin_exchange, end_attempt
+from gateway.express import (
+    MAX_REQUEST_LINE,
+    REQUEST_LINE,
+    RequestPlan,
+    ResponsePlan,
+    Target,
+)
+from gateway.forwarding import REPLAYABLE, begin_exchange, end_attempt, new_exchange
 from gateway.protocols import (
     ForwardHeaders,
     HttpProtocolError,
@@ -40,6 +48,10 @@ from gateway.routing import Route
 __all__ = ["Attempt", "HttpLane", "LaneEnd"]
 
 _HEAD_END = b"\r\n\r\n"
+_UNPLANNED: Any = object()
+#: Bytes of a whole response below which its head and body go out joined (one copy, one
+#: buffer) rather than as two buffers.
+_JOIN_BELOW = 16 * 1024
 
 
 class LaneEnd(Enum):
@@ -67,16 +79,23 @@ class HttpLane:
         "_ahead",
         "_attempt",
         "_busy",
+        "_carrying",
         "_client",
         "_ctx",
         "_held",
         "_idle_since",
-        "_idle_timer",
         "_leasing",
         "_listener_pool",
         "_on_end",
+        "_on_request_bytes",
+        "_on_response_bytes",
+        "_on_side_gone",
         "_parser",
+        "_plans",
+        "_sent_at",
         "_waiter",
+        "_watch",
+        "_watch_step",
         "error",
     )
 
@@ -101,8 +120,20 @@ class HttpLane:
         self._busy: tuple[RequestHead, ForwardHeaders, Route, Leased] | None = None
         #: The request whose lease the storage is getting: its head, fields, route and request.
         self._leasing: tuple[RequestHead, ForwardHeaders, Route, LeaseRequest] | None = None
+        #: The request carried on plans (no exchange object): its bytes, plans and lease.
+        self._carrying: tuple[bytes, RequestPlan, Target, Leased] | None = None
+        self._plans = ctx.express.requests_for(listener_pool)
+        self._sent_at = 0.0
         self._idle_since = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        #: One timer watches both the idle client and the response of a request carried on
+        #: plans; it fires at most `_watch_step` after it is set, so no request re-arms it.
+        self._watch: asyncio.TimerHandle | None = None
+        settings = ctx.settings
+        self._watch_step = min(settings.response_timeout, settings.idle_timeout)
+        # Bound once: a bound method is an object made on every attribute read.
+        self._on_request_bytes = self._client_spoke
+        self._on_response_bytes = self._response_bytes
+        self._on_side_gone = self._side_gone
         #: A malformed request: the coroutine answers it.
         self.error: HttpProtocolError | None = None
 
@@ -133,8 +164,8 @@ class HttpLane:
             return end
         finally:
             self._waiter = None
-            if self._busy is None:  # else the exchange owns the client's callbacks
-                self._stop_listening()
+            if self._busy is None and self._carrying is None:
+                self._stop_listening()  # else the request in flight owns the callbacks
 
     def take_attempt(self) -> Attempt | None:
         attempt, self._attempt = self._attempt, None
@@ -156,29 +187,38 @@ class HttpLane:
         client.set_sink(self._on_bytes, on_eof=self._on_gone, on_lost=self._on_gone)
         ctx.idle_clients.add(client)
         self._idle_since = now = client.loop.time()
-        if self._idle_timer is None:
-            # One timer for the whole idle watch: re-armed when it fires, not per request.
-            self._idle_timer = client.loop.call_at(
-                now + ctx.settings.idle_timeout, self._check_idle
-            )
+        if self._watch is None:
+            self._watch = client.loop.call_at(now + self._watch_step, self._check_time)
 
     def _stop_listening(self) -> None:
         self._client.set_sink(None)
         self._ctx.idle_clients.discard(self._client)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
-    def _check_idle(self) -> None:
-        self._idle_timer = None
-        if self._unowned() or self._busy or self._leasing:
+    def _check_time(self) -> None:
+        """The watch: a response overdue, or an idle client's time up."""
+        self._watch = None
+        if self._unowned():
             return
-        client = self._client
+        loop = self._client.loop
+        now = loop.time()
+        if self._carrying is not None:
+            deadline = self._sent_at + self._watch_step
+            if now >= deadline:
+                self._take_over().expire()
+            else:
+                self._watch = loop.call_at(deadline, self._check_time)
+            return
+        if self._busy or self._leasing:
+            return  # the exchange keeps its own time; listening again re-arms the watch
         deadline = self._idle_since + self._ctx.settings.idle_timeout
-        if client.loop.time() >= deadline:
+        if now >= deadline:
             self._end(LaneEnd.CLOSE)
         else:
-            self._idle_timer = client.loop.call_at(deadline, self._check_idle)
+            # Never later than a step ahead: a request may start at any moment.
+            self._watch = loop.call_at(min(deadline, now + self._watch_step), self._check_time)
 
     def _on_gone(self, exc: BaseException | None = None) -> None:
         self._end(LaneEnd.CLOSE)
@@ -190,6 +230,8 @@ class HttpLane:
         self._read_request(data)
 
     def _read_request(self, data: bytes) -> None:
+        if self._carry_on_plans(data):
+            return
         ctx, client = self._ctx, self._client
         if _HEAD_END not in data:
             # A head still coming in: the coroutine holds it to `header_timeout`.
@@ -270,6 +312,130 @@ class HttpLane:
             ctx, client, self._parser, held, head, fields, leased, request_read=True
         )
         exchange.start(self._exchange_done)
+
+    # -- a request carried on plans ----------------------------------------------------------
+
+    def _carry_on_plans(self, data: bytes) -> bool:
+        """Carry a whole bodiless request of the plainest shape on the express plans, with no
+        parser event or exchange object; False (nothing done) for the general path."""
+        ctx = self._ctx
+        end = data.find(_HEAD_END)
+        if end + 4 != len(data) or self._held or ctx.draining or not self._parser.at_rest:
+            return False
+        line_end = data.find(b"\r\n")
+        if line_end > MAX_REQUEST_LINE:
+            return False
+        line = REQUEST_LINE.fullmatch(data, 0, line_end)
+        if line is None:
+            return False
+        express = ctx.express
+        fields = data[line_end + 2 :]
+        plan = self._plans.get(fields, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = express.plan_request(self._plans, fields, self._listener_pool)
+        if plan is None or not ctx.connections.enabled:
+            return False
+        authority = line.group(3)
+        target = express.targets.get(authority) or express.plan_target(authority)
+        if target is None:
+            return False
+        lease = ctx.lease_now(plan.request)
+        if lease is None:
+            return False  # waiting, or the storage's answer: the general path
+        kept = ctx.connections.borrow(lease.upstream, target.host, target.port)
+        if kept is None:
+            # A new connection to dial: the coroutine's work, with this lease.
+            self._held.extend(self._parser.feed(data))
+            self._ahead = lease
+            self._end(LaneEnd.HANDOVER)
+            return True
+        ctx.begin_use(plan.pool)
+        forward = kept.mode is DialMode.FORWARD
+        if forward:
+            start = data[: line_end + 2]  # absolute-form, HTTP/1.1: the line as it came
+        else:
+            path = line.group(4) or b"/"
+            if path[0] != 0x2F:  # "/": a bare "?query" gets one
+                path = b"/" + path
+            start = line.group(1) + b" " + path + b" HTTP/1.1\r\n"
+        upstream = kept.channel
+        upstream.write(
+            start + plan.fields + target.host_field + express.tail(lease.upstream, forward)
+        )
+        self._carrying = (data, plan, target, Leased(lease, kept))
+        loop = upstream.loop
+        self._sent_at = now = loop.time()
+        if self._watch is None:
+            self._watch = loop.call_at(now + self._watch_step, self._check_time)
+        gone = self._on_side_gone
+        upstream.set_sink(self._on_response_bytes, on_eof=gone, on_lost=gone)
+        self._client.set_sink(self._on_request_bytes, on_eof=gone, on_lost=gone)
+        return True
+
+    def _response_bytes(self, data: bytes) -> None:
+        end = data.find(_HEAD_END)
+        plan: ResponsePlan | None = None
+        if end >= 0:
+            express = self._ctx.express
+            head = data[: end + 4]
+            plan = express.responses.get(head, _UNPLANNED)
+            if plan is _UNPLANNED:
+                plan = express.plan_response(head)
+        if plan is None or len(data) - end - 4 != plan.length:
+            # Not a whole plain answer in one read: the general exchange takes it from here.
+            self._take_over(data)
+            return
+        carrying, self._carrying = self._carrying, None
+        assert carrying is not None
+        _, _, target, leased = carrying
+        ctx, client = self._ctx, self._client
+        if not plan.length:
+            client.write(plan.head)
+        elif len(data) < _JOIN_BELOW:
+            client.write(plan.head + data[end + 4 :])
+        else:
+            body = memoryview(data)[end + 4 :]
+            client.write_all((plan.head, body))
+        lease, dialed = leased.lease, leased.dialed
+        upstream = dialed.channel
+        if plan.keep_alive and not upstream.eof:
+            ctx.connections.keep(
+                lease.upstream, target.host, target.port, upstream, dialed.uses + 1
+            )
+        else:
+            upstream.set_sink(None)
+            upstream.close()
+        ctx.give_back_soon(lease)
+        if ctx.draining:
+            self._end(LaneEnd.CLOSE)
+        else:
+            self._listen()
+
+    def _client_spoke(self, data: bytes) -> None:
+        """The client sent more while its request is in flight (pipelining)."""
+        self._client.buffer += data
+        self._take_over()
+
+    def _side_gone(self, exc: BaseException | None = None) -> None:
+        self._take_over()
+
+    def _take_over(self, upstream_data: bytes = b"") -> Exchange:
+        """Hand the request carried on plans to a general exchange, which goes on from where
+        it stands: its head went up, nothing came down yet (`upstream_data` aside)."""
+        carrying, self._carrying = self._carrying, None
+        assert carrying is not None
+        data, plan, _, leased = carrying
+        if upstream_data:
+            leased.dialed.channel.buffer += upstream_data
+        head = self._parser.feed(data)[0]  # planned, so it parses: a head and its end
+        assert type(head) is RequestHead
+        routed = plan.routed
+        self._busy = (head, routed.fields, routed.route, leased)
+        exchange = new_exchange(
+            self._ctx, self._client, self._parser, self._held, head, leased, request_read=True
+        )
+        exchange.start(self._exchange_done)
+        return exchange
 
     # -- a request in flight ------------------------------------------------------------------
 

@@ -129,11 +129,11 @@ class UpstreamConnections:
         (its response ended and nothing followed it); closes it when a rule says so."""
         limits = self.limits
         if not self.enabled or channel.closed or channel.eof or channel.buffer:
-            channel.close()
+            _discard(channel)
             return
         if uses >= limits.max_uses:
             self.stats.retired += 1
-            channel.close()
+            _discard(channel)
             return
         key = _key(upstream, host, port)
         stack = self._idle.get(key)
@@ -164,22 +164,19 @@ class UpstreamConnections:
             self._sweeper = None
         for entry in list(self._by_age):
             self._remove(entry)
-            entry.channel.set_sink(None)
-            entry.channel.close()
+            _discard(entry.channel)
 
     def _drop(self, entry: _Idle) -> None:
         """The upstream closed a kept connection, or spoke while it was idle."""
         if entry in self._by_age:
             self._remove(entry)
             self.stats.closed_by_upstream += 1
-        entry.channel.set_sink(None)
-        entry.channel.close()
+        _discard(entry.channel)
 
     def _evict(self, entry: _Idle) -> None:
         self._remove(entry)
         self.stats.evicted += 1
-        entry.channel.set_sink(None)
-        entry.channel.close()
+        _discard(entry.channel)
 
     def _remove(self, entry: _Idle) -> None:
         del self._by_age[entry]
@@ -199,10 +196,15 @@ class UpstreamConnections:
                 break  # oldest first: the rest are younger
             self._remove(entry)
             self.stats.expired += 1
-            entry.channel.set_sink(None)
-            entry.channel.close()
+            _discard(entry.channel)
         if self._by_age:
             self._sweeper = loop.call_later(self.limits.idle_timeout / 2, self._sweep)
+
+
+def _discard(channel: Channel) -> None:
+    # Whoever carried the last request may still be the channel's sink: it hears no more.
+    channel.set_sink(None)
+    channel.close()
 
 
 def _key(upstream: Upstream, host: str, port: int) -> _Key:

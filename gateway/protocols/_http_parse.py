@@ -278,6 +278,17 @@ class _Parser(Generic[_E]):
         return out
 
     @property
+    def at_rest(self) -> bool:
+        """Between messages, nothing buffered and no error: a whole message fed now is all
+        that the events of that feed are about."""
+        return (
+            self._step is _Parser._step_head
+            and not self._buf
+            and self._head_size == 0
+            and self._error is None
+        )
+
+    @property
     def tunnel(self) -> bool:
         """True once the connection stopped being HTTP (CONNECT accepted, 101 Switching)."""
         return self._tunnel

@@ -1,0 +1,220 @@
+"""Decisions for the everyday plain HTTP request, made once per distinct input and reused.
+
+Scrapers and crawlers send the same header fields on every request of a connection (often of
+every connection), and an origin often answers with the same head: what the gateway makes of
+those (the fields to forward, the route and the lease request, the response head to pass on
+and how its body is framed) is decided by the full parsers and the routing code the first
+time, and looked up by the raw bytes after that. Only requests and responses of the plainest
+shape get a plan; `None` (also remembered) sends everything else down the general path, so the
+two paths never disagree on what is valid or how it is answered.
+
+The keep-alive lane (`gateway.http_lane`) carries a request on these plans without building
+any parser event or exchange object.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from core.models import LeaseRequest, Upstream
+from gateway.dial import basic_credentials
+from gateway.errors import GatewayError
+from gateway.exchange import response_headers
+from gateway.protocols import (
+    Headers,
+    HttpProtocolError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    serialize_request_head,
+    serialize_response_head,
+)
+from gateway.protocols.http1 import MAX_START_LINE, REASON_PHRASES
+
+if TYPE_CHECKING:
+    from gateway.context import Routed
+
+__all__ = [
+    "MAX_REQUEST_LINE",
+    "REQUEST_LINE",
+    "ExpressPlans",
+    "RequestPlan",
+    "ResponsePlan",
+    "Target",
+]
+
+#: The request line the plans serve: HTTP/1.1, a method whose bodiless requests may be sent
+#: again (so they may ride a kept connection), an `http://name[:port]` target of RFC 3986
+#: characters (no userinfo, no IPv6 literal). Groups: method, target, authority, path.
+REQUEST_LINE = re.compile(
+    rb"(GET|OPTIONS|TRACE|PUT|DELETE) "
+    rb"([Hh][Tt][Tt][Pp]://"
+    rb"((?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?(?::[1-9][0-9]{0,4})?)"
+    rb"([/?][A-Za-z0-9\-._~:/?@!$&'()*+,;=%]*)?) HTTP/1\.1"
+)
+#: Longer request lines go the general path, which refuses them (414).
+MAX_REQUEST_LINE = MAX_START_LINE
+# A request line to validate a header section with: nothing in it depends on the line.
+_PROBE_LINE = b"GET http://plan.invalid/ HTTP/1.1\r\n"
+_KEPT = 1024
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class RequestPlan:
+    """What a request with these header fields becomes (any line `REQUEST_LINE` matches)."""
+
+    __slots__ = ("fields", "pool", "request", "routed")
+
+    def __init__(self, routed: Routed, request: LeaseRequest, fields: bytes) -> None:
+        self.routed = routed
+        self.request = request
+        self.pool = request.pool
+        #: The fields to send up, serialized, Host left out (the target names it).
+        self.fields = fields
+
+
+class Target:
+    """An authority from a request line, its destination allowed."""
+
+    __slots__ = ("host", "host_field", "port")
+
+    def __init__(self, host: str, port: int, host_field: bytes) -> None:
+        self.host = host
+        self.port = port
+        #: The Host field line sent up, CRLF included.
+        self.host_field = host_field
+
+
+class ResponsePlan:
+    """What a response head becomes for an HTTP/1.1 keep-alive client of a GET-like request."""
+
+    __slots__ = ("head", "keep_alive", "length")
+
+    def __init__(self, head: bytes, length: int, keep_alive: bool) -> None:
+        #: The head to send the client.
+        self.head = head
+        #: The body's length: the response is whole once that many bytes followed the head.
+        self.length = length
+        #: The upstream's connection may carry another request after this response.
+        self.keep_alive = keep_alive
+
+
+class ExpressPlans:
+    """The caches of plans, bounded, for one gateway (its routing and Via)."""
+
+    def __init__(
+        self,
+        route: Callable[[Headers, str | None], Routed],
+        check_destination: Callable[[str, int], None],
+        via: bytes,
+    ) -> None:
+        self._route = route
+        self._check_destination = check_destination
+        self._via = via
+        self._requests: dict[str | None, dict[bytes, RequestPlan | None]] = {}
+        self.targets: dict[bytes, Target | None] = {}
+        self.responses: dict[bytes, ResponsePlan | None] = {}
+        self._tails: dict[tuple[str, bool], bytes] = {}
+
+    def requests_for(self, listener_pool: str | None) -> dict[bytes, RequestPlan | None]:
+        """The request plans of one listener, by header section (fields and the blank line)."""
+        return self._requests.setdefault(listener_pool, {})
+
+    def plan_request(
+        self, plans: dict[bytes, RequestPlan | None], fields: bytes, listener_pool: str | None
+    ) -> RequestPlan | None:
+        """Decide, and remember, what requests with this header section become: None for
+        anything but a bodiless keep-alive request routed without error to a plain lease."""
+        plan = self._plan_request(fields, listener_pool)
+        _remember(plans, fields, plan)
+        return plan
+
+    def _plan_request(self, fields: bytes, listener_pool: str | None) -> RequestPlan | None:
+        try:
+            events = RequestParser().feed(_PROBE_LINE + fields)
+        except HttpProtocolError:
+            return None
+        if len(events) != 2:
+            return None  # a body, or not a whole head
+        head = events[0]
+        assert isinstance(head, RequestHead)
+        if not head.keep_alive or head.expect_continue:
+            return None
+        try:
+            routed = self._route(head.headers, listener_pool)
+        except GatewayError:
+            return None  # the general path answers it
+        if routed.plain_request is None:
+            return None  # a session: renewed as it is taken, on the awaited path
+        kept = [pair for pair in routed.fields.headers if pair[0].lower() != b"host"]
+        # The same bytes `serialize_request_head` makes of them, start line and end left off.
+        serialized = serialize_request_head("GET", "/", kept)
+        start = serialized.index(b"\r\n") + 2
+        return RequestPlan(routed, routed.plain_request, serialized[start:-2])
+
+    def plan_target(self, authority: bytes) -> Target | None:
+        """The target of an authority `REQUEST_LINE` matched, its destination checked (None
+        when refused: the general path answers that)."""
+        host_text, _, port_text = authority.decode("ascii").partition(":")
+        port = int(port_text) if port_text else 80
+        if len(host_text) > 255 or port > 65535:
+            return None
+        try:
+            self._check_destination(host_text, port)
+        except GatewayError:
+            return None
+        value = host_text if port == 80 else f"{host_text}:{port}"
+        target = Target(host_text, port, b"Host: " + value.encode("ascii") + b"\r\n")
+        _remember(self.targets, authority, target)
+        return target
+
+    def tail(self, upstream: Upstream, forward: bool) -> bytes:
+        """What follows the Host field up to the blank line, through `upstream`: Via, and
+        the upstream proxy's credentials when it has some and is sent the request as a proxy."""
+        key = (upstream.id, forward)
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = b"Via: " + self._via + b"\r\n"
+            endpoint = upstream.endpoint
+            if forward and endpoint.has_credentials:
+                tail += b"Proxy-Authorization: " + basic_credentials(endpoint) + b"\r\n"
+            tail += b"\r\n"
+            _remember(self._tails, key, tail)
+        return tail
+
+    def plan_response(self, head: bytes) -> ResponsePlan | None:
+        """Decide, and remember, what a response head becomes: None for anything but a final
+        answer below 500 (407 and 101 included: they need judging) framed by Content-Length."""
+        plan = self._plan_response(head)
+        _remember(self.responses, head, plan)
+        return plan
+
+    def _plan_response(self, raw: bytes) -> ResponsePlan | None:
+        try:
+            events = ResponseParser("GET").feed(raw)
+        except HttpProtocolError:
+            return None
+        head = events[0]
+        assert isinstance(head, ResponseHead)
+        status = head.status
+        if status < 200 or status >= 500 or status == 407 or head.chunked:
+            return None
+        if status == 204 or status == 304:
+            length = 0
+        elif head.content_length is None:
+            return None
+        else:
+            length = head.content_length
+        reason = head.reason or REASON_PHRASES.get(status, "")
+        out = serialize_response_head(status, reason, response_headers(head, self._via))
+        return ResponsePlan(out, length, head.keep_alive)
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    if len(cache) >= _KEPT:
+        cache.clear()
+    cache[key] = value
