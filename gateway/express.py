@@ -67,14 +67,18 @@ _V = TypeVar("_V")
 class RequestPlan:
     """What a request with these header fields becomes (any line `REQUEST_LINE` matches)."""
 
-    __slots__ = ("fields", "pool", "request", "routed")
+    __slots__ = ("fields", "keep_alive", "pool", "request", "routed")
 
-    def __init__(self, routed: Routed, request: LeaseRequest, fields: bytes) -> None:
+    def __init__(
+        self, routed: Routed, request: LeaseRequest, fields: bytes, keep_alive: bool
+    ) -> None:
         self.routed = routed
         self.request = request
         self.pool = request.pool
         #: The fields to send up, serialized, Host left out (the target names it).
         self.fields = fields
+        #: The client's connection stays open after the answer.
+        self.keep_alive = keep_alive
 
 
 class Target:
@@ -90,13 +94,14 @@ class Target:
 
 
 class ResponsePlan:
-    """What a response head becomes for an HTTP/1.1 keep-alive client of a GET-like request."""
+    """What a response head becomes for an HTTP/1.1 client of a GET-like request."""
 
-    __slots__ = ("head", "keep_alive", "length")
+    __slots__ = ("closing_head", "head", "keep_alive", "length")
 
     def __init__(self, head: bytes, length: int, keep_alive: bool) -> None:
-        #: The head to send the client.
+        #: The head to send the client, and the one for a client that asked to close.
         self.head = head
+        self.closing_head = head[:-2] + b"Connection: close\r\n\r\n"
         #: The body's length: the response is whole once that many bytes followed the head.
         self.length = length
         #: The upstream's connection may carry another request after this response.
@@ -128,7 +133,7 @@ class ExpressPlans:
         self, plans: dict[bytes, RequestPlan | None], fields: bytes, listener_pool: str | None
     ) -> RequestPlan | None:
         """Decide, and remember, what requests with this header section become: None for
-        anything but a bodiless keep-alive request routed without error to a plain lease."""
+        anything but a bodiless request routed without error to a plain lease."""
         plan = self._plan_request(fields, listener_pool)
         _remember(plans, fields, plan)
         return plan
@@ -142,7 +147,7 @@ class ExpressPlans:
             return None  # a body, or not a whole head
         head = events[0]
         assert isinstance(head, RequestHead)
-        if not head.keep_alive or head.expect_continue:
+        if head.expect_continue:
             return None
         try:
             routed = self._route(head.headers, listener_pool)
@@ -154,7 +159,7 @@ class ExpressPlans:
         # The same bytes `serialize_request_head` makes of them, start line and end left off.
         serialized = serialize_request_head("GET", "/", kept)
         start = serialized.index(b"\r\n") + 2
-        return RequestPlan(routed, routed.plain_request, serialized[start:-2])
+        return RequestPlan(routed, routed.plain_request, serialized[start:-2], head.keep_alive)
 
     def plan_target(self, authority: bytes) -> Target | None:
         """The target of an authority `REQUEST_LINE` matched, its destination checked (None

@@ -15,6 +15,7 @@ which carries on with the same parser and held events, the lease the lane took
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class HttpLane:
         "_held",
         "_idle_since",
         "_leasing",
+        "_leasing_on_plans",
         "_listener_pool",
         "_on_end",
         "_on_request_bytes",
@@ -120,6 +122,8 @@ class HttpLane:
         self._busy: tuple[RequestHead, ForwardHeaders, Route, Leased] | None = None
         #: The request whose lease the storage is getting: its head, fields, route and request.
         self._leasing: tuple[RequestHead, ForwardHeaders, Route, LeaseRequest] | None = None
+        #: The same for a request carried on plans: its bytes, request line and plans.
+        self._leasing_on_plans: tuple[bytes, re.Match[bytes], RequestPlan, Target] | None = None
         #: The request carried on plans (no exchange object): its bytes, plans and lease.
         self._carrying: tuple[bytes, RequestPlan, Target, Leased] | None = None
         self._plans = ctx.express.requests_for(listener_pool)
@@ -211,7 +215,7 @@ class HttpLane:
             else:
                 self._watch = loop.call_at(deadline, self._check_time)
             return
-        if self._busy or self._leasing:
+        if self._busy or self._leasing or self._leasing_on_plans:
             return  # the exchange keeps its own time; listening again re-arms the watch
         deadline = self._idle_since + self._ctx.settings.idle_timeout
         if now >= deadline:
@@ -340,28 +344,63 @@ class HttpLane:
         if target is None:
             return False
         lease = ctx.lease_now(plan.request)
+        if lease is not None:
+            self._send_on_plans(data, line, plan, target, lease)
+            return True
+        pending = ctx.lease_soon(plan.request)
+        if pending is None:
+            return False  # waiting in line, or an error to answer: the general path
+        self._leasing_on_plans = (data, line, plan, target)
+        pending.add_done_callback(self._leased_on_plans)
+        return True
+
+    def _leased_on_plans(self, pending: asyncio.Future[Any]) -> None:
+        leasing, self._leasing_on_plans = self._leasing_on_plans, None
+        assert leasing is not None
+        data, line, plan, target = leasing
+        ctx = self._ctx
+        lease = ctx.leased_soon(plan.request, pending)
         if lease is None:
-            return False  # waiting, or the storage's answer: the general path
+            self._hand_over(data, None)  # the coroutine leases, and waits or answers
+        elif self._client.closed or self._unowned():
+            ctx.give_back_unused(lease)
+            self._end(LaneEnd.CLOSE)
+        elif ctx.draining:
+            self._hand_over(data, lease)
+        else:
+            self._send_on_plans(data, line, plan, target, lease)
+
+    def _hand_over(self, data: bytes, lease: Lease | None) -> None:
+        """The coroutine carries this request (planned, so it parses), with `lease` if any."""
+        self._held.extend(self._parser.feed(data))
+        self._ahead = lease
+        self._end(LaneEnd.HANDOVER)
+
+    def _send_on_plans(
+        self,
+        data: bytes,
+        line: re.Match[bytes],
+        plan: RequestPlan,
+        target: Target,
+        lease: Lease,
+    ) -> None:
+        ctx = self._ctx
         kept = ctx.connections.borrow(lease.upstream, target.host, target.port)
         if kept is None:
-            # A new connection to dial: the coroutine's work, with this lease.
-            self._held.extend(self._parser.feed(data))
-            self._ahead = lease
-            self._end(LaneEnd.HANDOVER)
-            return True
+            self._hand_over(data, lease)  # a new connection to dial: the coroutine's work
+            return
         ctx.begin_use(plan.pool)
         forward = kept.mode is DialMode.FORWARD
         if forward:
-            start = data[: line_end + 2]  # absolute-form, HTTP/1.1: the line as it came
+            start = data[: line.end() + 2]  # absolute-form, HTTP/1.1: the line as it came
         else:
             path = line.group(4) or b"/"
             if path[0] != 0x2F:  # "/": a bare "?query" gets one
                 path = b"/" + path
             start = line.group(1) + b" " + path + b" HTTP/1.1\r\n"
         upstream = kept.channel
-        upstream.write(
-            start + plan.fields + target.host_field + express.tail(lease.upstream, forward)
-        )
+        tail = ctx.express.tail(lease.upstream, forward)
+        upstream.write(start + plan.fields + target.host_field + tail)
         self._carrying = (data, plan, target, Leased(lease, kept))
         loop = upstream.loop
         self._sent_at = now = loop.time()
@@ -370,7 +409,6 @@ class HttpLane:
         gone = self._on_side_gone
         upstream.set_sink(self._on_response_bytes, on_eof=gone, on_lost=gone)
         self._client.set_sink(self._on_request_bytes, on_eof=gone, on_lost=gone)
-        return True
 
     def _response_bytes(self, data: bytes) -> None:
         end = data.find(_HEAD_END)
@@ -387,15 +425,15 @@ class HttpLane:
             return
         carrying, self._carrying = self._carrying, None
         assert carrying is not None
-        _, _, target, leased = carrying
+        _, request, target, leased = carrying
         ctx, client = self._ctx, self._client
+        head = plan.head if request.keep_alive else plan.closing_head
         if not plan.length:
-            client.write(plan.head)
+            client.write(head)
         elif len(data) < _JOIN_BELOW:
-            client.write(plan.head + data[end + 4 :])
+            client.write(head + data[end + 4 :])
         else:
-            body = memoryview(data)[end + 4 :]
-            client.write_all((plan.head, body))
+            client.write_all((head, memoryview(data)[end + 4 :]))
         lease, dialed = leased.lease, leased.dialed
         upstream = dialed.channel
         if plan.keep_alive and not upstream.eof:
@@ -406,7 +444,7 @@ class HttpLane:
             upstream.set_sink(None)
             upstream.close()
         ctx.give_back_soon(lease)
-        if ctx.draining:
+        if ctx.draining or not request.keep_alive:
             self._end(LaneEnd.CLOSE)
         else:
             self._listen()

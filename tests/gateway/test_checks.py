@@ -208,4 +208,3 @@ def test_retry_budget_allows_a_share_of_active_requests_and_a_floor() -> None:
     small.request_started("q")
     assert sum(small.try_retry("q") for _ in range(5)) == 3
     assert (small.denied, small.peak) == (2, 3)
-

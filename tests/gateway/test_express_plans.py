@@ -27,7 +27,6 @@ def plans_of(gateway: Gateway) -> ExpressPlans:
     [
         b"Host: a\r\nContent-Length: 5\r\n\r\n",
         b"Host: a\r\nTransfer-Encoding: chunked\r\n\r\n",
-        b"Host: a\r\nConnection: close\r\n\r\n",
         b"Host: a\r\nExpect: 100-continue\r\n\r\n",
         b"Host: a\r\nX-Proxy-Session: s1\r\n\r\n",
         b"Host: a\r\nHost: b\r\n\r\n",
@@ -55,6 +54,12 @@ async def test_a_plain_request_gets_its_fields_route_and_lease_request(gateway: 
     assert plan.pool == "default"
     assert plan.routed.route.consumer == "alice"
     assert plan.routed.route.country == "AR"
+    assert plan.keep_alive
+    closing = fields.replace(b"Accept", b"Connection: close\r\nAccept")
+    closing_plan = express.plan_request(plans, closing, None)
+    assert closing_plan is not None
+    assert not closing_plan.keep_alive
+    assert closing_plan.fields == plan.fields
 
 
 async def test_a_target_refused_by_policy_gets_no_plan(start_gateway: StartGateway) -> None:

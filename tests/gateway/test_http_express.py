@@ -18,6 +18,7 @@ from tests.gateway.conftest import StartGateway, leases_held
 from tests.gateway.test_http_e2e import pool_toml
 from tests.gateway.test_http_more import (
     RawResponse,
+    closed_by_peer,
     echo_of,
     eventually,
     raw_connection,
@@ -171,6 +172,25 @@ async def test_a_request_carried_on_plans_goes_up_and_comes_back_as_the_general_
         assert f"\r\n{gone}:" not in sent
     assert len(proxy.accepted) == 1
     assert gateway.context.connections.stats.reused == 1
+
+
+async def test_a_client_that_asks_to_close_gets_the_same_answer_both_ways_then_the_close(
+    start_gateway: StartGateway, proxies: list[ScriptedProxy], exchanges: list[Exchange]
+) -> None:
+    (proxy,) = await scripted(proxies, [ANSWER])
+    gateway = await gateway_over(start_gateway, [proxy.url])
+    data = get("http://example.test/once", ("Connection", "close"))
+    answers = []
+    for _ in range(2):  # a dial, then the kept connection: the general path, then plans
+        async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+            answers.append(await exchange_raw(reader, writer, data))
+            assert await closed_by_peer(reader)
+    assert len(exchanges) == 1
+    assert answers[1] == answers[0]
+    assert b"\r\nConnection: close\r\n" in answers[0]
+    assert proxy.heads[1] == proxy.heads[0]
+    assert b"Connection" not in proxy.heads[0]  # the upstream's connection is kept
+    assert len(proxy.accepted) == 1
 
 
 async def test_through_a_direct_upstream_the_origin_sees_the_same_request_both_ways(
