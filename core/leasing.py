@@ -38,6 +38,12 @@ __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
 
 log = logging.getLogger("proxygate.leasing")
 
+#: Seconds a success reported without waiting (`report_soon`) may wait for others before a
+#: storage that writes in transactions takes them, so that many go in one: each transaction
+#: locks the upstreams' rows, which lease statements then wait for. A failure never waits,
+#: and the successes before it are written first.
+SUCCESS_LINGER = 0.25
+
 
 class LeaseEventKind(StrEnum):
     ACQUIRED = "acquired"
@@ -98,8 +104,11 @@ class LeaseManager:
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
-        # Outcomes reported without waiting (`report_soon`), until the storage took them.
+        # Outcomes reported without waiting (`report_soon`), until the storage took them, and
+        # successes waiting to go together (upstream, latency, when), with their timer.
         self._reports: set[asyncio.Task[None]] = set()
+        self._successes: list[tuple[str, float | None, float]] = []
+        self._successes_timer: asyncio.TimerHandle | None = None
         # Releases sent without waiting (`put_back_now` on a prompt storage), until answered:
         # each one's answer and its lease.
         self._releasing: dict[asyncio.Future[bool], Lease] = {}
@@ -128,6 +137,7 @@ class LeaseManager:
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+        self._write_successes()
         if self._reports:
             await asyncio.gather(*self._reports)
         if self._releasing:
@@ -394,14 +404,20 @@ class LeaseManager:
         *,
         source: RecordSource = RecordSource.TRAFFIC,
         detail: str | None = None,
+        at: float | None = None,
     ) -> HealthUpdate:
-        """Feed one attempt's outcome into the upstream's health (which may eject it).
+        """Feed one attempt's outcome (`at` a time other than now) into the upstream's health
+        (which may eject it).
 
         While the storage is unavailable, an outcome of traffic through an upstream leased
         here is kept for later, and the answer is the upstream as last seen, unchanged; any
         other report raises StorageUnavailable.
         """
-        now = self.clock.now()
+        if self._successes and at is None:
+            # Successes reported before this must not land after it (a success clears the
+            # failure streak this one may be adding to).
+            await asyncio.gather(*self._write_successes())
+        now = self.clock.now() if at is None else at
         try:
             update = await self.storage.record_outcome(
                 upstream_id, outcome, latency, now, source=source, detail=detail
@@ -420,22 +436,47 @@ class LeaseManager:
     async def report_soon(self, upstream_id: str, outcome: Outcome, latency: float | None) -> None:
         """`report` a traffic outcome without waiting for a storage that takes its time (a
         request need not wait for a health write to go on): a database's write goes on in a
-        task of its own, started on the next loop turn (`close()` waits for those still on
-        their way); memory's is done at once, which costs less than a task."""
+        task of its own, a success's up to `SUCCESS_LINGER` later together with the others
+        reported meanwhile (`close()` waits for those still on their way); memory's is done
+        at once, which costs less than a task."""
         if self._immediate:
-            await self._report_quietly(upstream_id, outcome, latency)
+            await self._report_quietly(upstream_id, outcome, latency, None)
             return
+        if outcome is not Outcome.OK:
+            self._report_in_task(upstream_id, outcome, latency, None)
+            return
+        self._successes.append((upstream_id, latency, self.clock.now()))
+        if self._successes_timer is None:
+            self._successes_timer = asyncio.get_running_loop().call_later(
+                SUCCESS_LINGER, self._write_successes
+            )
+
+    def _write_successes(self) -> list[asyncio.Task[None]]:
+        """Send the successes waiting, each as reported (in one loop turn: one transaction)."""
+        if self._successes_timer is not None:
+            self._successes_timer.cancel()
+            self._successes_timer = None
+        successes, self._successes = self._successes, []
+        return [
+            self._report_in_task(upstream_id, Outcome.OK, latency, at)
+            for upstream_id, latency, at in successes
+        ]
+
+    def _report_in_task(
+        self, upstream_id: str, outcome: Outcome, latency: float | None, at: float | None
+    ) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(
-            self._report_quietly(upstream_id, outcome, latency), name="report-outcome"
+            self._report_quietly(upstream_id, outcome, latency, at), name="report-outcome"
         )
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
+        return task
 
     async def _report_quietly(
-        self, upstream_id: str, outcome: Outcome, latency: float | None
+        self, upstream_id: str, outcome: Outcome, latency: float | None, at: float | None
     ) -> None:
         try:
-            await self.report(upstream_id, outcome, latency)
+            await self.report(upstream_id, outcome, latency, at=at)
         except UpstreamNotFound:
             pass  # removed meanwhile: its health is nobody's concern any more
         except Exception:

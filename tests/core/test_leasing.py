@@ -345,6 +345,43 @@ async def test_outcomes_reported_without_waiting_are_recorded_by_close(
     assert "not recorded" not in caplog.text
 
 
+async def test_successes_reported_without_waiting_are_written_before_a_later_failure(
+    storage: Storage, clock: ManualClock
+) -> None:
+    """On a database, successes wait a moment to go together; a failure reported after them
+    must still land after them (a success clears the failure streak)."""
+    (member,) = await make_pool(storage, 1)
+    manager = LeaseManager(storage, clock=clock, sweep_interval=3600)
+    start = clock.now()
+    async with manager:
+        for latency in (0.1, 0.2, 0.3):
+            await manager.report_soon(member.id, Outcome.OK, latency)
+            clock.advance(1.0)
+        await manager.report(member.id, Outcome.CONNECT_REFUSED, None)
+        history = await storage.history(member.id)
+        assert [(r.outcome, r.at - start) for r in history] == [
+            (Outcome.OK, 0.0),
+            (Outcome.OK, 1.0),
+            (Outcome.OK, 2.0),
+            (Outcome.CONNECT_REFUSED, 3.0),
+        ]
+        assert (await storage.get_upstream(member.id)).failure_streak == 1
+
+
+async def test_successes_reported_without_waiting_are_written_soon(
+    storage: Storage, clock: ManualClock
+) -> None:
+    (member,) = await make_pool(storage, 1)
+    manager = LeaseManager(storage, clock=clock, sweep_interval=3600)
+    async with manager:
+        await manager.report_soon(member.id, Outcome.OK, 0.5)
+        for _ in range(500):
+            if (await storage.get_upstream(member.id)).latency_ewma == 0.5:
+                break
+            await asyncio.sleep(0.01)
+        assert (await storage.get_upstream(member.id)).latency_ewma == 0.5
+
+
 async def test_leases_started_and_given_back_without_awaiting_are_all_accounted_for(
     storage: Storage, clock: ManualClock
 ) -> None:

@@ -182,6 +182,41 @@ async def test_releases_made_with_acquires_are_written_with_them(
     assert await counts_in_database(storage) == [(2, 2)] * 2
 
 
+async def test_a_release_nobody_waits_for_waits_a_moment_for_an_acquire_to_carry_it(
+    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_pool(storage, 2)
+    await warm(storage)
+    fast = storage._fast
+    assert fast is not None
+    fetch = fast._fetch
+    statements: list[str] = []
+
+    async def named(statement: Compiled, params: dict[str, Any]) -> Any:
+        kind = "acquire" if "p_pool" in params else "release"
+        statements.append(
+            kind + (" with releases" if "p_pool" in params and "p_leases" in params else "")
+        )
+        return await fetch(statement, params)
+
+    monkeypatch.setattr(fast, "_fetch", named)
+    first = await storage.acquire(LeaseRequest("p"), holder="h1", now=NOW)
+    assert first is not None
+    released = storage.release_soon(first)
+    assert released is not None
+    await asyncio.sleep(0)  # an acquire comes a loop turn later: the release rides with it
+    second = await storage.acquire(LeaseRequest("p"), holder="h1", now=NOW)
+    assert await released is True
+    assert statements == ["acquire", "acquire with releases"]
+    # With no acquire coming, it goes out alone all the same.
+    assert second is not None
+    alone = storage.release_soon(second)
+    assert alone is not None
+    assert await asyncio.wait_for(alone, 5) is True
+    assert statements[2:] == ["release"]
+    assert await counts_in_database(storage) == [(0, 0)] * 2
+
+
 async def test_a_release_whose_statement_failed_is_kept_and_written_later(
     storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:

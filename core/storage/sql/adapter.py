@@ -260,7 +260,7 @@ class SQLStorage:
         lease_id = leasing.lease_key(lease)
         if self._fast is None or lease_id is None:
             return None
-        return self._fast.release(lease_id)
+        return self._fast.release(lease_id, linger=True)
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
         lease_id = leasing.lease_key(lease)

@@ -111,6 +111,10 @@ _LEASE_ID = SQLSequence("leases_id_seq")
 MAX_BATCH = 64
 #: Statements of one kind out at once: the next batch gathers while one is out.
 IN_FLIGHT = 1
+#: Seconds a release nobody waits for waits for an acquire statement to ride along with, when
+#: none is on its way: alone it would be a statement, a commit and a round of row locks of its
+#: own, which the next acquire statement would wait for.
+RELEASE_LINGER = 0.002
 #: Times a statement that lost a deadlock is tried again.
 DEADLOCK_RETRIES = 3
 #: Distinct filters whose statements and batches are kept.
@@ -492,8 +496,9 @@ class FastPaths:
         self._acquirers: dict[_AcquireKey, Coalescer[_Ask, _Outcome]] = {}
         # While acquires are on their way, releases wait to ride along with them.
         self._releaser: Coalescer[int, bool] = Coalescer(
-            self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, hold=self._acquiring
+            self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, hold=self._holding
         )
+        self._linger: asyncio.TimerHandle | None = None
         self._release = Compiled(_release_statement(), dialect)
         self._release_one = Compiled(_RELEASE_ONE, dialect)
         self._renew = Compiled(_RENEW, dialect)
@@ -545,9 +550,14 @@ class FastPaths:
         expires_at = None if request.duration is None else now + request.duration
         return acquirer.submit(_Ask(request.pool, request.consumer, holder, now, expires_at))
 
-    def release(self, lease_id: int) -> asyncio.Future[bool]:
+    def release(self, lease_id: int, *, linger: bool = False) -> asyncio.Future[bool]:
         """Whether the lease was released, once its batch ran (which it does even if nobody
-        waits for the answer)."""
+        waits for the answer). With `linger` (nobody waits), a release may wait up to
+        `RELEASE_LINGER` for an acquire statement to carry it."""
+        if linger and self._linger is None and not self._acquiring():
+            self._linger = asyncio.get_running_loop().call_later(
+                RELEASE_LINGER, self._linger_over
+            )
         return self._releaser.submit(lease_id)
 
     async def renew(self, lease_id: int, expires_at: float | None) -> bool | None:
@@ -681,6 +691,13 @@ class FastPaths:
 
     def _acquiring(self) -> bool:
         return any(acquirer.busy for acquirer in self._acquirers.values())
+
+    def _holding(self) -> bool:
+        return self._linger is not None or self._acquiring()
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        self._releaser.kick()
 
     def _disown(self, outcome: _Outcome) -> None:
         if isinstance(outcome, Lease):
