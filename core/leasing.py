@@ -179,8 +179,8 @@ class LeaseManager:
         after `timeout` when everything stayed busy).
         """
         offer = True
-        if self._leases_now(request):
-            lease = self._lease_now(request)
+        if self._immediate is not None and self._may_skip_the_line(request):
+            lease = self.acquire_now(request)
             if lease is not None:
                 return lease
             offer = False  # the storage just said all are busy: into the line
@@ -205,7 +205,13 @@ class LeaseManager:
         no session, nobody waiting in line, no callbacks. None means nothing was leased here;
         `acquire` then does it all (the storage's errors are raised as `acquire` raises them).
         """
-        return self._lease_now(request) if self._leases_now(request) else None
+        storage = self._immediate
+        if storage is None or not self._may_skip_the_line(request):
+            return None
+        lease = storage.acquire_now(request, holder=self.instance_id, now=self.clock.now())
+        if lease is not None:
+            self._hold(lease)
+        return lease
 
     def acquire_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
         """Start leasing without awaiting, where `acquire_now` cannot but the storage can,
@@ -226,22 +232,11 @@ class LeaseManager:
             self._hold(lease)
         return lease
 
-    def _leases_now(self, request: LeaseRequest) -> bool:
-        return self._immediate is not None and self._may_skip_the_line(request)
-
     def _may_skip_the_line(self, request: LeaseRequest) -> bool:
         """No session, nobody waiting in line for the pool, no callbacks to call."""
         return not (
             request.session is not None or self._on_acquire or self._waiters.get(request.pool)
         )
-
-    def _lease_now(self, request: LeaseRequest) -> Lease | None:
-        assert self._immediate is not None
-        now = self.clock.now()
-        lease = self._immediate.acquire_now(request, holder=self.instance_id, now=now)
-        if lease is not None:
-            self._hold(lease)
-        return lease
 
     def put_back_now(self, lease: Lease) -> bool:
         """Release a lease without a session without awaiting, when nothing else needs to

@@ -10,6 +10,13 @@ and the lease given back, with no coroutine woken. Anything else (a partial head
 body, CONNECT, a lease that needs waiting, a dial, a failed exchange) goes to the coroutine,
 which carries on with the same parser and held events, the lease the lane took
 (`take_lease`), or from the lane's attempt (`take_attempt`).
+
+The plainest of these requests (HTTP/1.1, a GET-like method, an `http://name[:port]` target) is
+carried on the express plans (`gateway.express`: what a header section, a target and an
+answer's head become, decided once each): no parser event, no exchange object, no timer of its
+own. Its answer is relayed if it comes whole in one
+read; anything else about it (an answer in pieces, silence, either side closing, the client
+pipelining) hands it to a general exchange, which goes on from where it stands.
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ class HttpLane:
         "_leasing",
         "_leasing_on_plans",
         "_listener_pool",
+        "_on_client_bytes",
+        "_on_client_gone",
         "_on_end",
         "_on_request_bytes",
         "_on_response_bytes",
@@ -135,6 +144,8 @@ class HttpLane:
         settings = ctx.settings
         self._watch_step = min(settings.response_timeout, settings.idle_timeout)
         # Bound once: a bound method is an object made on every attribute read.
+        self._on_client_bytes = self._on_bytes
+        self._on_client_gone = self._on_gone
         self._on_request_bytes = self._client_spoke
         self._on_response_bytes = self._response_bytes
         self._on_side_gone = self._side_gone
@@ -188,7 +199,8 @@ class HttpLane:
             self._end(LaneEnd.CLOSE)
             return
         ctx = self._ctx
-        client.set_sink(self._on_bytes, on_eof=self._on_gone, on_lost=self._on_gone)
+        gone = self._on_client_gone
+        client.set_sink(self._on_client_bytes, on_eof=gone, on_lost=gone)
         ctx.idle_clients.add(client)
         self._idle_since = now = client.loop.time()
         if self._watch is None:
