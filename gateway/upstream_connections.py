@@ -107,11 +107,8 @@ class UpstreamConnections:
             # Not asyncio.get_running_loop(): it makes a system call (getpid) each time.
             deadline = stack[-1].channel.loop.time() - self.limits.idle_timeout
             while stack:
-                entry = stack.pop()  # the warmest: the one least likely to be closing
-                del self._by_age[entry]
-                stats.idle -= 1
-                if not stack:
-                    del self._idle[key]
+                entry = stack[-1]
+                self._remove(entry)
                 channel = entry.channel
                 channel.set_sink(None)
                 if channel.closed or channel.eof or channel.buffer:
@@ -152,10 +149,7 @@ class UpstreamConnections:
         # Its last exchange may have paused it for a slow client: an idle connection must
         # hear its upstream close.
         channel.resume_reading()
-        stack = self._idle.get(key)  # again: making room may have emptied (and dropped) it
-        if stack is None:
-            stack = self._idle[key] = []
-        stack.append(entry)
+        self._idle.setdefault(key, []).append(entry)
         self._by_age[entry] = None
         self.stats.idle += 1
         self.stats.kept += 1
@@ -187,7 +181,10 @@ class UpstreamConnections:
     def _remove(self, entry: _Idle) -> None:
         del self._by_age[entry]
         stack = self._idle[entry.key]
-        stack.remove(entry)
+        if stack[-1] is entry:
+            stack.pop()  # borrowing takes the warmest, on top: no search
+        else:
+            stack.remove(entry)
         if not stack:
             del self._idle[entry.key]
         self.stats.idle -= 1
