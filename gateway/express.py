@@ -60,6 +60,8 @@ MAX_REQUEST_LINE = MAX_START_LINE
 # A request line to validate a header section with: nothing in it depends on the line.
 _PROBE_LINE = b"GET http://plan.invalid/ HTTP/1.1\r\n"
 _KEPT = 1024
+#: Longer heads are planned each time, never kept: the caches stay small whatever comes.
+_KEPT_HEAD_BYTES = 4096
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -135,7 +137,8 @@ class ExpressPlans:
         """Decide, and remember, what requests with this header section become: None for
         anything but a bodiless request routed without error to a plain lease."""
         plan = self._plan_request(fields, listener_pool)
-        _remember(plans, fields, plan)
+        if len(fields) <= _KEPT_HEAD_BYTES:
+            _remember(plans, fields, plan)
         return plan
 
     def _plan_request(self, fields: bytes, listener_pool: str | None) -> RequestPlan | None:
@@ -195,7 +198,8 @@ class ExpressPlans:
         """Decide, and remember, what a response head becomes: None for anything but a final
         answer below 500 (407 and 101 included: they need judging) framed by Content-Length."""
         plan = self._plan_response(head)
-        _remember(self.responses, head, plan)
+        if len(head) <= _KEPT_HEAD_BYTES:
+            _remember(self.responses, head, plan)
         return plan
 
     def _plan_response(self, raw: bytes) -> ResponsePlan | None:

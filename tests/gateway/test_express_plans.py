@@ -119,6 +119,16 @@ async def test_the_caches_stay_bounded(gateway: Gateway) -> None:
     for n in range(3000):
         express.plan_response(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
     assert 0 < len(express.responses) <= 1024
+    # Long heads are planned as well, and not kept.
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-Big: " + b"x" * 8000 + b"\r\n\r\n"
+    plan = express.plan_response(big)
+    assert plan is not None
+    assert plan.length == 1
+    assert big not in express.responses
+    plans = express.requests_for(None)
+    fields = b"Host: a\r\n" + ALICE + b"X-Big: " + b"y" * 8000 + b"\r\n\r\n"
+    assert express.plan_request(plans, fields, None) is not None
+    assert fields not in plans
 
 
 @pytest.mark.parametrize(
