@@ -202,15 +202,23 @@ class LeaseManager:
 
     def acquire_now(self, request: LeaseRequest) -> Lease | None:
         """Lease without awaiting, when the storage can and nothing else needs to happen:
-        no session, nobody waiting in line, no callbacks. None means nothing was leased here;
-        `acquire` then does it all (the storage's errors are raised as `acquire` raises them).
-        """
+        nobody waiting in line, no callbacks, nothing kept for an unavailable storage. None
+        means nothing was leased here; `acquire` then does it all (the storage's errors are
+        raised as `acquire` raises them)."""
         storage = self._immediate
-        if storage is None or not self._may_skip_the_line(request):
+        if (
+            storage is None
+            or self._on_acquire
+            or self._waiters.get(request.pool)
+            or (request.session is not None and self._backlog)
+        ):
             return None
         lease = storage.acquire_now(request, holder=self.instance_id, now=self.clock.now())
         if lease is not None:
             self._hold(lease)
+            if lease.session is not None:
+                self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
+                storage.renew_now(lease, None)  # in use: no idle countdown
         return lease
 
     def acquire_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
@@ -239,18 +247,29 @@ class LeaseManager:
         )
 
     def put_back_now(self, lease: Lease) -> bool:
-        """Release a lease without a session without awaiting, when nothing else needs to
-        happen (nobody waiting in line for its capacity, no callbacks, nothing kept for an
-        unavailable storage). False: nothing was done; `put_back` does it all."""
+        """`put_back` without awaiting, when nothing else needs to happen (nobody waiting in
+        line for its capacity, no callbacks, nothing kept for an unavailable storage; a
+        session's lease only on a storage that leases at once). False: nothing was done;
+        `put_back` does it all."""
         if (
-            lease.session is not None
-            or self._on_release
+            self._on_release
             or self._waiters.get(lease.pool)
             or self._backlog
             or lease.id in self._lost
         ):
             return False
         storage = self._immediate
+        if lease.session is not None:
+            if storage is None:
+                return False
+            if self._last_session_user(lease):
+                if lease.id in self._unbound:
+                    self._unbound.discard(lease.id)
+                    if not storage.release_now(lease):
+                        self._released_twice(lease)
+                else:
+                    storage.renew_now(lease, self._idle_until(lease))
+            return True
         if storage is not None:
             self._in_use.pop(lease.id, None)
             if not storage.release_now(lease):
@@ -351,20 +370,30 @@ class LeaseManager:
         session, whose idle countdown starts when its last user is done."""
         if lease.session is None:
             return await self.release(lease)
-        users = self._session_users.pop(lease.id, 1) - 1
-        if users > 0:
-            self._session_users[lease.id] = users
+        if not self._last_session_user(lease):
             return True
-        self._in_use.pop(lease.id, None)
         if lease.id in self._unbound:
             self._unbound.discard(lease.id)
             return await self.release(lease)
-        expires_at = None if lease.idle_ttl is None else self.clock.now() + lease.idle_ttl
+        expires_at = self._idle_until(lease)
         try:
             return await self.storage.renew(lease, expires_at)
         except StorageUnavailable as error:
             self._keep(LeaseWrite(lease, release=False, expires_at=expires_at), error)
             return True
+
+    def _last_session_user(self, lease: Lease) -> bool:
+        """One user of a session's lease is done: True when it was the last one."""
+        users = self._session_users.pop(lease.id, 1) - 1
+        if users > 0:
+            self._session_users[lease.id] = users
+            return False
+        self._in_use.pop(lease.id, None)
+        return True
+
+    def _idle_until(self, lease: Lease) -> float | None:
+        """When a session's lease, now unused, ends unless used again."""
+        return None if lease.idle_ttl is None else self.clock.now() + lease.idle_ttl
 
     async def unbind_session(self, lease: Lease, *, fail: bool) -> None:
         """Part a session from `lease`, whose upstream failed: its next request binds another

@@ -68,9 +68,8 @@ class Routed(NamedTuple):
 
     fields: ForwardHeaders
     route: Route
-    #: What `lease_now` asks for; None for a route with a session (a session's lease is
-    #: renewed as it is taken, which needs the awaited path).
-    plain_request: LeaseRequest | None
+    #: What `lease_now` and `lease_soon` ask for (the first attempt's request).
+    lease_request: LeaseRequest
 
 
 @dataclass(slots=True)
@@ -192,12 +191,7 @@ class GatewayContext:
             default_pool=self.settings.default_pool,
         )
         self.check_via(fields.via)
-        plain = None
-        if route.session is None:
-            plain = LeaseRequest(
-                route.pool, consumer=route.consumer, filters=_filters(route.country, set())
-            )
-        return Routed(fields, route, plain)
+        return Routed(fields, route, _lease_request(route, set()))
 
     def check_destination(self, host: str, port: int, *, tunnel: bool) -> None:
         """Refuse loops and policy-denied destinations: literal IPs here, names only after
@@ -362,13 +356,7 @@ class GatewayContext:
         return Leased(lease, dialed)
 
     async def _acquire(self, route: Route, tried: set[str]) -> Lease:
-        request = LeaseRequest(
-            route.pool,
-            consumer=route.consumer,
-            session=route.session,
-            filters=_filters(route.country, tried),
-            session_ttl=route.session_ttl,
-        )
+        request = _lease_request(route, tried)
         try:
             return await self.manager.acquire(request, self.settings.acquire_timeout)
         except PoolNotFound:
@@ -460,6 +448,16 @@ class GatewayContext:
         task = asyncio.get_running_loop().create_task(self.manager.put_back(lease))
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
+
+
+def _lease_request(route: Route, tried: set[str]) -> LeaseRequest:
+    return LeaseRequest(
+        route.pool,
+        consumer=route.consumer,
+        session=route.session,
+        filters=_filters(route.country, tried),
+        session_ttl=route.session_ttl,
+    )
 
 
 def _filters(country: str | None, tried: set[str]) -> Filter | None:

@@ -156,13 +156,11 @@ class ExpressPlans:
             routed = self._route(head.headers, listener_pool)
         except GatewayError:
             return None  # the general path answers it
-        if routed.plain_request is None:
-            return None  # a session: renewed as it is taken, on the awaited path
         kept = [pair for pair in routed.fields.headers if pair[0].lower() != b"host"]
         # The same bytes `serialize_request_head` makes of them, start line and end left off.
         serialized = serialize_request_head("GET", "/", kept)
         start = serialized.index(b"\r\n") + 2
-        return RequestPlan(routed, routed.plain_request, serialized[start:-2], head.keep_alive)
+        return RequestPlan(routed, routed.lease_request, serialized[start:-2], head.keep_alive)
 
     def plan_target(self, authority: bytes) -> Target | None:
         """The target of an authority `REQUEST_LINE` matched, its destination checked (None

@@ -279,7 +279,7 @@ class HttpLane:
         except GatewayError:
             self._end(LaneEnd.HANDOVER)  # the coroutine meets it again, and answers
             return
-        if request is None or not ctx.connections.enabled:
+        if not ctx.connections.enabled:
             self._end(LaneEnd.HANDOVER)
             return
         lease = ctx.lease_now(request)
@@ -397,6 +397,11 @@ class HttpLane:
         lease: Lease,
     ) -> None:
         ctx = self._ctx
+        if lease.rebound_from is not None and lease.uses == 1:
+            # A session's first request after it moved: the answer names the upstream it
+            # left, which the general exchange adds.
+            self._hand_over(data, lease)
+            return
         kept = ctx.connections.borrow(lease.upstream, target.host, target.port)
         if kept is None:
             self._hand_over(data, lease)  # a new connection to dial: the coroutine's work

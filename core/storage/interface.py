@@ -45,6 +45,10 @@ class ImmediateLeasing(Protocol):
         """What `release` does, done before returning."""
         ...
 
+    def renew_now(self, lease: Lease, expires_at: float | None) -> bool:
+        """What `renew` does, done before returning."""
+        ...
+
 
 class PromptLeasing(Protocol):
     """A storage whose leases come from statements sent for many callers at once can start an

@@ -230,6 +230,9 @@ class MemoryStorage:
         return True
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
+        return self.renew_now(lease, expires_at)
+
+    def renew_now(self, lease: Lease, expires_at: float | None) -> bool:
         entry = self._held.get(lease.id)
         if entry is None:
             return False

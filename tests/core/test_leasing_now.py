@@ -44,12 +44,42 @@ async def test_leases_at_once_in_rotation_and_gives_back(
     assert manager.double_releases == 1  # ... and is counted, as release() counts it
 
 
-async def test_sessions_go_the_awaited_way(manager: LeaseManager, memory: MemoryStorage) -> None:
+async def test_a_session_is_leased_and_put_back_at_once_as_the_awaited_calls_do(
+    manager: LeaseManager, memory: MemoryStorage
+) -> None:
     await make_pool(memory, 2)
-    assert manager.acquire_now(LeaseRequest("p", session="s1")) is None
-    lease = await manager.acquire(LeaseRequest("p", session="s1"), timeout=1.0)
-    assert not manager.put_back_now(lease)
+    request = LeaseRequest("p", session="s1")
+    first = manager.acquire_now(request)
+    assert first is not None
+    assert manager.acquire_now(request) is first  # the session's second user: its lease
+    assert (first.uses, manager.users_of(first), first.expires_at) == (2, 2, None)
+    assert manager.put_back_now(first)
+    assert first.expires_at is None  # a user is left: no idle countdown yet
+    assert manager.put_back_now(first)
+    assert first.idle_ttl is not None
+    assert first.expires_at == manager.clock.now() + first.idle_ttl
+    assert (await memory.stats("p", 0)).leases_held == 1  # still bound to its session
+    # The awaited calls take up the same session where these left it.
+    lease = await manager.acquire(request, timeout=1.0)
+    assert (lease, lease.uses, lease.expires_at) == (first, 3, None)
     assert await manager.put_back(lease)
+    assert lease.expires_at == manager.clock.now() + first.idle_ttl
+
+
+async def test_a_session_parted_from_its_upstream_is_released_by_its_last_user(
+    manager: LeaseManager, memory: MemoryStorage
+) -> None:
+    await make_pool(memory, 2)
+    request = LeaseRequest("p", session="s1")
+    lease = manager.acquire_now(request)
+    assert lease is not None
+    await manager.unbind_session(lease, fail=False)
+    assert manager.put_back_now(lease)
+    assert (await memory.stats("p", 0)).leases_held == 0
+    moved = manager.acquire_now(request)  # bound anew, and says where it came from
+    assert moved is not None
+    assert moved.rebound_from == lease.upstream.id
+    assert manager.put_back_now(moved)
 
 
 async def test_nothing_is_done_at_once_while_others_wait_in_line(

@@ -193,6 +193,40 @@ async def test_a_client_that_asks_to_close_gets_the_same_answer_both_ways_then_t
     assert len(proxy.accepted) == 1
 
 
+async def test_a_session_rides_the_plans_on_its_one_upstream_and_moves_when_it_fails(
+    start_gateway: StartGateway, proxies: list[ScriptedProxy], exchanges: list[Exchange]
+) -> None:
+    first, second = await scripted(proxies, [ANSWER], [ANSWER])
+    gateway = await gateway_over(start_gateway, [first.url, second.url])
+    data = get("http://example.test/s", ("X-Proxy-Session", "s1"))
+    async with raw_connection(gateway.listen_addresses[0]) as (reader, writer):
+        for _ in range(2):  # plain requests: a kept connection to each upstream
+            await exchange_raw(reader, writer, get("http://example.test/plain"))
+        answers = [await exchange_raw(reader, writer, data) for _ in range(4)]
+        assert len(exchanges) == 2  # the dials; the session's requests ride the plans
+        assert await leases_held(gateway, sessions=True) == 1  # bound, idle
+        assert await leases_held(gateway) == 0
+        bound, other = (first, second) if len(first.heads) == 5 else (second, first)
+        assert (len(bound.heads), len(other.heads)) == (5, 1)
+        assert b"X-Proxy-Session" not in bound.heads[-1]
+        assert len(set(answers)) == 1
+        # Its upstream is ejected: the next request moves the session, and its answer says
+        # from where (the general exchange adds that); then the plans carry it again.
+        bound_id = next(
+            u.id
+            for u in await gateway.manager.storage.list_upstreams("default")
+            if u.endpoint.port == bound.port
+        )
+        now = gateway.manager.clock.now()
+        await gateway.manager.storage.eject(bound_id, now + 60, now)
+        moved = await exchange_raw(reader, writer, data)
+        assert b"\r\nX-Proxy-Session-Rebound: " + bound_id.encode() + b"\r\n" in moved
+        made = len(exchanges)
+        assert await exchange_raw(reader, writer, data) == answers[0]
+        assert len(exchanges) == made
+    assert (len(bound.heads), len(other.heads)) == (5, 3)
+
+
 async def test_through_a_direct_upstream_the_origin_sees_the_same_request_both_ways(
     start_gateway: StartGateway, origin: Origin, exchanges: list[Exchange]
 ) -> None:
