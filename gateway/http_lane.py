@@ -14,9 +14,9 @@ which carries on with the same parser and held events, the lease the lane took
 The plainest of these requests (HTTP/1.1, a GET-like method, an `http://name[:port]` target) is
 carried on the express plans (`gateway.express`: what a header section, a target and an
 answer's head become, decided once each): no parser event, no exchange object, no timer of its
-own. Its answer is relayed if it comes whole in one
-read; anything else about it (an answer in pieces, silence, either side closing, the client
-pipelining) hands it to a general exchange, which goes on from where it stands.
+own. Its answer is relayed if it comes whole in one read; anything else about it (an answer in
+pieces, silence, either side closing, the client pipelining) hands it to a general exchange,
+which goes on from where it stands.
 """
 
 from __future__ import annotations
