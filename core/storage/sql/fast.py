@@ -553,7 +553,8 @@ class FastPaths:
     def release(self, lease_id: int, *, linger: bool = False) -> asyncio.Future[bool]:
         """Whether the lease was released, once its batch ran (which it does even if nobody
         waits for the answer). With `linger` (nobody waits), a release may wait up to
-        `RELEASE_LINGER` for an acquire statement to carry it."""
+        `RELEASE_LINGER` for an acquire statement to carry it, and so do the releases made
+        meanwhile: they go together."""
         if linger and self._linger is None and not self._acquiring():
             self._linger = asyncio.get_running_loop().call_later(
                 RELEASE_LINGER, self._linger_over
