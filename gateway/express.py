@@ -44,6 +44,7 @@ __all__ = [
     "RequestPlan",
     "ResponsePlan",
     "Target",
+    "host_value",
 ]
 
 #: The request line the plans serve: HTTP/1.1, a method whose bodiless requests may be sent
@@ -173,8 +174,7 @@ class ExpressPlans:
             self._check_destination(host_text, port)
         except GatewayError:
             return None
-        value = host_text if port == 80 else f"{host_text}:{port}"
-        target = Target(host_text, port, b"Host: " + value.encode("ascii") + b"\r\n")
+        target = Target(host_text, port, b"Host: " + host_value(host_text, port) + b"\r\n")
         _remember(self.targets, authority, target)
         return target
 
@@ -219,6 +219,21 @@ class ExpressPlans:
         reason = head.reason or REASON_PHRASES.get(status, "")
         out = serialize_response_head(status, reason, response_headers(head, self._via))
         return ResponsePlan(out, length, head.keep_alive)
+
+
+_HOST_VALUES: dict[tuple[str, int], bytes] = {}
+
+
+def host_value(host: str, port: int) -> bytes:
+    """The Host field value for a target: IPv6 literals in brackets, port 80 left out."""
+    # Targets repeat: built and encoded once per target, not per request.
+    key = (host, port)
+    value = _HOST_VALUES.get(key)
+    if value is None:
+        text = f"[{host}]" if ":" in host else host
+        value = (text if port == 80 else f"{text}:{port}").encode()
+        _remember(_HOST_VALUES, key, value)
+    return value
 
 
 def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:

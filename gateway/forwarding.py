@@ -11,6 +11,7 @@ from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
 from gateway.dial import DialMode, basic_credentials
 from gateway.exchange import Exchange
+from gateway.express import host_value
 from gateway.protocols import (
     ForwardHeaders,
     RequestEvent,
@@ -53,7 +54,7 @@ def begin_exchange(
     upstream_is_proxy = dialed.mode is DialMode.FORWARD
     # An absolute-form target overrides any Host field (RFC 9112 3.2.2).
     headers = [pair for pair in fields.headers if pair[0].lower() != b"host"]
-    headers.append((b"Host", _authority(head.host, head.port)))
+    headers.append((b"Host", host_value(head.host, head.port)))
     headers.append((b"Via", ctx.via))
     if head.chunked:
         headers.append((b"Transfer-Encoding", b"chunked"))
@@ -126,19 +127,3 @@ def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:
         return ()
     return ((REBOUND_HEADER, lease.rebound_from.encode()),)
 
-
-_AUTHORITIES: dict[tuple[str, int], bytes] = {}
-_AUTHORITIES_KEPT = 4096
-
-
-def _authority(host: str, port: int) -> bytes:
-    # Targets repeat: building and encoding the Host value once per target, not per request.
-    key = (host, port)
-    value = _AUTHORITIES.get(key)
-    if value is None:
-        text = f"[{host}]" if ":" in host else host
-        value = (text if port == 80 else f"{text}:{port}").encode()
-        if len(_AUTHORITIES) >= _AUTHORITIES_KEPT:
-            _AUTHORITIES.clear()
-        _AUTHORITIES[key] = value
-    return value

@@ -52,6 +52,11 @@ class ScriptedProxy(TcpServer):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def targets(self) -> list[bytes]:
+        """The request target of every head received, in order."""
+        return [head.split(b" ")[1] for head in self.heads]
+
     def _next_step(self) -> object:
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
@@ -294,7 +299,7 @@ async def test_a_request_pipelined_behind_one_in_flight_is_answered_in_order(
         second, third = await read_response(reader), await read_response(reader)
     assert second.header("X-Upstream") == "late-one"
     assert third.header("X-Upstream") == "scripted"
-    assert [h.split(b" ")[1] for h in proxy.heads] == [
+    assert proxy.targets == [
         b"http://example.test/1",
         b"http://example.test/2",
         b"http://example.test/3",
@@ -339,7 +344,7 @@ async def test_a_kept_connection_closed_as_the_request_goes_out_is_retried_on_a_
         assert (await read_after(reader, writer, "/1")).body == BODY
         assert (await read_after(reader, writer, "/2")).body == BODY
     assert len(proxy.accepted) == 2
-    assert [h.split(b" ")[1] for h in proxy.heads] == [
+    assert proxy.targets == [
         b"http://example.test/1",
         b"http://example.test/2",
         b"http://example.test/2",
