@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, delete, select
 
 from core.storage.sql import SchemaOutOfDate, SQLStorage, head_revision, schema_status, upgrade
 from core.storage.sql.engine import make_engine
-from core.storage.sql.tables import metadata
+from core.storage.sql.tables import leases, metadata, pools, upstreams
 from tests.conftest import skip_or_fail
 from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 
@@ -67,3 +67,42 @@ async def test_the_storage_refuses_a_database_without_the_schema(
     with pytest.raises(SchemaOutOfDate, match="proxygate db upgrade"):
         await storage.open()
     await storage.close()
+
+
+async def test_an_upgrade_from_the_first_schema_keeps_the_leases_and_their_ids(
+    database: dict[str, str],
+) -> None:
+    """0002 drops the leases' foreign key (SQLite copies the table to do so): the leases stay,
+    and an id once handed out is never handed out again, not even the last one, released."""
+    await upgrade(**database, revision="0001")
+    engine = make_engine(database["url"], schema=database.get("schema"))
+    upstream = {
+        "id": "u1", "pool": "p", "scheme": "http", "host": "127.0.0.1", "port": 8080,
+        "weight": 1.0, "lim": 10, "status": "active", "failure_streak": 0, "times_ejected": 0,
+        "window_ok": 0, "window_failed": 0, "previous_ok": 0, "previous_failed": 0,
+    }  # fmt: skip
+
+    def lease(key: int) -> dict[str, object]:
+        return {
+            "upstream_key": key, "pool": "p", "consumer": "c", "bound": False,
+            "acquired_at": 1.0, "holder": "h", "uses": 1,
+        }  # fmt: skip
+
+    try:
+        async with engine.begin() as conn:
+            pool = {"name": "p", "selector": "round_robin", "settings": "{}"}
+            await conn.execute(pools.insert().values(pool))
+            inserted = await conn.execute(
+                upstreams.insert().values(upstream).returning(upstreams.c.key)
+            )
+            key = inserted.scalar_one()
+            for _ in range(3):
+                await conn.execute(leases.insert().values(lease(key)))
+            await conn.execute(delete(leases).where(leases.c.id == 3))
+        await upgrade(**database)
+        async with engine.begin() as conn:
+            await conn.execute(leases.insert().values(lease(key)))
+            ids = (await conn.execute(select(leases.c.id).order_by(leases.c.id))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert ids == [1, 2, 4]

@@ -92,25 +92,37 @@ class Coalescer(Generic[A, R]):
 
     def kick(self) -> None:
         """Send what waits, if nothing holds it back any more."""
-        if self._hold is not None and self._hold():
-            return  # whoever holds calls back `kick`, or `take`s them
-        if self._queue and not self._scheduled and self._running < self._in_flight:
+        if self._ready():
             self._scheduled = True
             task = asyncio.get_running_loop().create_task(self._send(), name="sql-batch")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _ready(self) -> bool:
+        if self._hold is not None and self._hold():
+            return False  # whoever holds calls back `kick`, or `take`s them
+        return bool(self._queue) and not self._scheduled and self._running < self._in_flight
+
     async def _send(self) -> None:
         # A task's first step runs at the end of this loop turn: the callers woken in this
         # turn join the batch.
         self._scheduled = False
-        batch = [
-            (arg, future) for arg, future in self._queue[: self._max_batch] if not future.done()
-        ]
-        del self._queue[: self._max_batch]
-        if not batch:
+        try:
+            while True:
+                queue, limit = self._queue, self._max_batch
+                batch = [(arg, future) for arg, future in queue[:limit] if not future.done()]
+                del queue[:limit]
+                if batch:
+                    await self._answer(batch)
+                # Callers that came while the statement was out go at once, from this step:
+                # a task of their own would start a loop turn later, and under load a turn
+                # is long.
+                if not self._ready():
+                    break
+        finally:
             self.kick()
-            return
+
+    async def _answer(self, batch: list[tuple[A, asyncio.Future[R]]]) -> None:
         self._running += 1
         try:
             results = await self._run([arg for arg, _ in batch])
@@ -131,7 +143,6 @@ class Coalescer(Generic[A, R]):
                     self._orphan(result)
         finally:
             self._running -= 1
-            self.kick()
 
 
 class Batcher:

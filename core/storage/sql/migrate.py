@@ -66,23 +66,26 @@ class SchemaStatus:
         return f"SchemaStatus(current={self.current!r}, head={self.head!r})"
 
 
-def _upgrade_sync(connection: Connection) -> None:
+def _upgrade_sync(connection: Connection, revision: str = "head") -> None:
     if connection.dialect.name == "postgresql":
         connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
-    command.upgrade(_config(connection), "head")
+    command.upgrade(_config(connection), revision)
 
 
 def _current_sync(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def upgrade_connection(conn: AsyncConnection) -> None:
-    """Apply every pending migration on `conn`, inside its transaction."""
-    await conn.run_sync(_upgrade_sync)
+async def upgrade_connection(conn: AsyncConnection, revision: str = "head") -> None:
+    """Apply every pending migration up to `revision` on `conn`, inside its transaction."""
+    await conn.run_sync(_upgrade_sync, revision)
 
 
-async def upgrade(url: str | URL, *, schema: str | None = None) -> SchemaStatus:
-    """Bring the database at `url` to the newest schema; a no-op when it is there already.
+async def upgrade(
+    url: str | URL, *, schema: str | None = None, revision: str = "head"
+) -> SchemaStatus:
+    """Bring the database at `url` to the newest schema (or to `revision`); a no-op when it is
+    there already.
 
     Returns where it stands afterwards. `schema` (PostgreSQL) puts the tables in that schema,
     which must exist.
@@ -90,7 +93,7 @@ async def upgrade(url: str | URL, *, schema: str | None = None) -> SchemaStatus:
     engine = make_engine(url, schema=schema, pool_size=1, max_overflow=0)
     try:
         async with engine.begin() as conn:
-            await upgrade_connection(conn)
+            await upgrade_connection(conn, revision)
             current = await conn.run_sync(_current_sync)
     finally:
         await engine.dispose()

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     Float,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -145,12 +144,9 @@ leases = Table(
     "leases",
     metadata,
     Column("id", _Key, primary_key=True, autoincrement=True),
-    Column(
-        "upstream_key",
-        _Key,
-        ForeignKey("upstreams.key", name="fk_leases_upstream_key_upstreams"),
-        nullable=False,
-    ),
+    # No foreign key: each lease is inserted by the statement that locked and counted its
+    # upstream, and an upstream row goes only when nothing counts on it (`migrations/` 0002).
+    Column("upstream_key", _Key, nullable=False),
     Column("pool", Text, nullable=False),
     Column("consumer", Text, nullable=False),
     Column("session", Text, nullable=True),

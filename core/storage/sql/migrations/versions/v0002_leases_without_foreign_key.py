@@ -1,0 +1,44 @@
+"""Leases lose their foreign key to upstreams.
+
+Every statement that inserts a lease has just locked and counted its upstream row, and an
+upstream row is deleted only when no lease counts on it (`active = 0`, under its lock), so the
+key could never dangle; checking it again cost each lease a trigger and a row lock on its
+upstream, the largest part of what a batched acquire did in PostgreSQL.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+_FOREIGN_KEY = "fk_leases_upstream_key_upstreams"
+_ISSUED = sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'leases'")
+_KEEP_ISSUED = sa.text("UPDATE sqlite_sequence SET seq = max(seq, :issued) WHERE name = 'leases'")
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite":
+        op.drop_constraint(_FOREIGN_KEY, "leases", type_="foreignkey")
+        return
+    # SQLite drops a constraint by copying the table: the copy must keep AUTOINCREMENT and the
+    # highest id ever handed out, or a released lease's id could be given again.
+    issued = bind.execute(_ISSUED).scalar()
+    with op.batch_alter_table("leases", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        batch.drop_constraint(_FOREIGN_KEY, type_="foreignkey")
+    if issued is not None:
+        bind.execute(_KEEP_ISSUED, {"issued": issued})
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("leases", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        batch.create_foreign_key(_FOREIGN_KEY, "upstreams", ["upstream_key"], ["key"])
