@@ -273,6 +273,11 @@ async def read_after(
     return await read_response(reader)
 
 
+def targets(*paths: str) -> list[bytes]:
+    """The request targets `read_after` sends for `paths`, as a proxy reads them."""
+    return [b"http://example.test" + path.encode() for path in paths]
+
+
 async def test_a_long_body_streams_through_the_general_exchange(
     start_gateway: StartGateway, origin: Origin
 ) -> None:
@@ -299,11 +304,7 @@ async def test_a_request_pipelined_behind_one_in_flight_is_answered_in_order(
         second, third = await read_response(reader), await read_response(reader)
     assert second.header("X-Upstream") == "late-one"
     assert third.header("X-Upstream") == "scripted"
-    assert proxy.targets == [
-        b"http://example.test/1",
-        b"http://example.test/2",
-        b"http://example.test/3",
-    ]
+    assert proxy.targets == targets("/1", "/2", "/3")
 
 
 async def test_a_kept_connection_gone_silent_times_out_and_another_upstream_answers(
@@ -344,11 +345,7 @@ async def test_a_kept_connection_closed_as_the_request_goes_out_is_retried_on_a_
         assert (await read_after(reader, writer, "/1")).body == BODY
         assert (await read_after(reader, writer, "/2")).body == BODY
     assert len(proxy.accepted) == 2
-    assert proxy.targets == [
-        b"http://example.test/1",
-        b"http://example.test/2",
-        b"http://example.test/2",
-    ]
+    assert proxy.targets == targets("/1", "/2", "/2")
 
 
 async def test_a_client_leaving_while_its_request_is_in_flight_gives_the_lease_back(
