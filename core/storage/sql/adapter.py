@@ -124,13 +124,19 @@ class SQLStorage:
             max_overflow=self._max_overflow,
             command_timeout=self._statement_timeout,
         )
-        if self._flavor.postgres:
-            self._lanes = Lanes(self._engine, lanes, on_unavailable=self._lost_touch)
-            self._fast = FastPaths(self._lanes, self._engine.dialect)
-            await self._fast.warm_up()
-            self._outcomes = Coalescer(self._record_outcomes)
-        else:
-            self._batcher = Batcher(self._engine)
+        try:
+            if self._flavor.postgres:
+                self._lanes = Lanes(self._engine, lanes, on_unavailable=self._lost_touch)
+                self._fast = FastPaths(self._lanes, self._engine.dialect)
+                await self._fast.warm_up()
+                self._outcomes = Coalescer(self._record_outcomes)
+            else:
+                self._batcher = Batcher(self._engine)
+        except BaseException:
+            # Half open is not open: the connections go, and the next `open` starts afresh
+            # instead of finding an engine and taking the storage for ready.
+            await self.close()
+            raise
         self._touched()
         self._heartbeat = asyncio.create_task(self._beat_forever(), name="storage-heartbeat")
 
