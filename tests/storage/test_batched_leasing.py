@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from core.errors import StorageUnavailable
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Selector
-from core.storage.sql.fast import Compiled
+from core.storage.sql.fast import Compiled, _acquire_params, _Ask
 from tests.conftest import skip_or_fail
 from tests.core.conftest import make_pool
 from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, postgres_unavailable
@@ -244,3 +245,50 @@ async def test_a_release_whose_statement_failed_is_kept_and_written_later(
         await manager.sweep()
         assert await counts_in_database(storage) == [(0, 0)] * 2
         assert manager.double_releases == 0
+
+
+def scans(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node type, table) of every node of `plan` that reads a table."""
+    found = []
+    if "Relation Name" in plan:
+        found.append((plan["Node Type"], plan["Relation Name"]))
+    for child in plan.get("Plans", []):
+        found.extend(scans(child))
+    return found
+
+
+async def test_every_hot_statement_finds_its_rows_through_an_index(
+    storage: ScratchPostgres,
+) -> None:
+    """Each lease and release leaves dead rows behind until a vacuum, and a plan made once
+    while the tables were small would read them all (a sequential scan is cheapest on a
+    small table): the statements would slow down as the tables grow. Planned on a lane, as
+    they run, none of them may scan a table from end to end."""
+    await make_pool(storage, 4)
+    await warm(storage)
+    fast, lanes = storage._fast, storage._lanes
+    assert fast is not None
+    assert lanes is not None
+    asks = [_Ask("p", f"c{i}", "h1", NOW, None) for i in range(3)]
+    statements: list[tuple[Compiled, dict[str, Any]]] = []
+    for many, wait, releasing in ((False, False, False), (False, True, False),
+                                  (True, False, False), (True, False, True)):  # fmt: skip
+        params = _acquire_params("p", Selector.ROUND_ROBIN, asks if many else asks[:1], many=many)
+        if releasing:
+            params["p_leases"] = [1, 2]
+        statement = fast._statement(
+            Selector.ROUND_ROBIN, True, None, many=many, wait=wait, releasing=releasing
+        )
+        statements.append((statement, params))
+    statements += [
+        (fast._release, {"p_leases": [1, 2]}),
+        (fast._release_one, {"p_lease": 1}),
+        (fast._renew, {"p_lease": 1, "p_expires": None}),
+    ]
+    for statement, params in statements:
+        row = await lanes.fetchrow("EXPLAIN (FORMAT JSON) " + statement.sql, statement.args(params))
+        # The engine's connections decode json themselves; a bare one would give text.
+        (plan,) = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+        read = scans(plan["Plan"])
+        assert read, statement.sql
+        assert not [scan for scan in read if scan[0] == "Seq Scan"], (read, statement.sql)

@@ -19,6 +19,15 @@ from core.storage.sql.errors import StorageUnavailable, is_unavailable
 
 __all__ = ["Lanes"]
 
+#: Each lane's settings. The lanes run a handful of statements over and over: each is planned
+#: once (PostgreSQL would otherwise re-plan the first five runs of each, at more than their
+#: cost). A plan made once must hold as the tables change: every lease and release leaves a
+#: dead row version behind until a vacuum, and a sequential scan reads them all, so a plan
+#: made while the tables were small (where a scan from end to end is cheapest) slows every
+#: statement down as they grow, until the next vacuum. Every row the lanes look up has an
+#: index to find it by.
+_SESSION = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off"
+
 
 class _Lane:
     __slots__ = ("connection", "driver")
@@ -76,9 +85,7 @@ class Lanes:
             connection = await self._engine.connect()
             raw = await connection.get_raw_connection()
             assert raw.driver_connection is not None
-            # The lanes run a handful of statements over and over: plan each once (PostgreSQL
-            # would otherwise re-plan the first five runs of each, at more than their cost).
-            await raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
+            await raw.driver_connection.execute(_SESSION)
         except BaseException as error:
             self._free.release()
             if connection is not None:
