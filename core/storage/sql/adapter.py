@@ -31,9 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.backlog import OutcomeWrite
 from core.errors import CatalogError, CoreError, PoolNotFound, UpstreamNotFound
-from core.health import HealthRecord, HealthUpdate, RecordSource
+from core.health import HealthRecord, HealthUpdate, RecordSource, Transition
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
-from core.storage.sql import catalog, holders, leasing, outcomes
+from core.storage.sql import ahead, catalog, holders, leasing, outcomes
 from core.storage.sql.batching import Batcher, Coalescer
 from core.storage.sql.engine import make_engine
 from core.storage.sql.errors import StorageUnavailable, is_unavailable
@@ -72,12 +72,14 @@ class SQLStorage:
         lanes: int = 8,
         check_schema: bool = True,
         statement_timeout: float = STATEMENT_TIMEOUT,
+        lease_ahead: int = ahead.MOST,
     ) -> None:
         """`holder_grace`: seconds after a holder's last heartbeat before its leases are
         released by a sweep; `heartbeat_interval` should be a fraction of it. On PostgreSQL,
         `lanes` connections serve the single-statement hot paths and `pool_size` (plus up to
         `max_overflow`) the transactions, and a statement unanswered for `statement_timeout`
-        seconds fails as StorageUnavailable."""
+        seconds fails as StorageUnavailable. `lease_ahead`: on PostgreSQL, leases held ahead
+        of requests of one kind at most (`ahead`; 0 for none)."""
         self.url = url
         self.schema = schema
         self.holder_grace = holder_grace
@@ -87,6 +89,7 @@ class SQLStorage:
         self._lane_count = lanes
         self._check_schema = check_schema
         self._statement_timeout = statement_timeout
+        self._lease_ahead = lease_ahead
         # Monotonic times: since when this process has been in touch with the database without
         # a break (None: out of touch now), and when it last was.
         self._in_touch_since: float | None = None
@@ -127,7 +130,9 @@ class SQLStorage:
         try:
             if self._flavor.postgres:
                 self._lanes = Lanes(self._engine, lanes, on_unavailable=self._lost_touch)
-                self._fast = FastPaths(self._lanes, self._engine.dialect)
+                self._fast = FastPaths(
+                    self._lanes, self._engine.dialect, lease_ahead=self._lease_ahead
+                )
                 await self._fast.warm_up()
                 self._outcomes = Coalescer(self._record_outcomes)
             else:
@@ -149,6 +154,8 @@ class SQLStorage:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             await batcher.close()
+        if self._fast is not None:
+            await self._fast.close()
         engine, self._engine = self._engine, None
         lanes, self._lanes = self._lanes, None
         self._fast = None
@@ -172,6 +179,8 @@ class SQLStorage:
         self._forget_pool(pool.name)
 
     async def remove_pool(self, name: str) -> None:
+        if self._fast is not None:
+            await self._fast.give_back_ahead()
         try:
             await self._tx(lambda conn: catalog.remove_pool(conn, name))
         except IntegrityError:
@@ -192,9 +201,13 @@ class SQLStorage:
             raise CatalogError("an upstream of the batch already exists") from None
 
     async def update_upstream(self, upstream_id: str, **changes: Any) -> Upstream:
+        self._forget_upstream(upstream_id)
         return await self._tx(lambda conn: catalog.update_upstream(conn, upstream_id, changes))
 
     async def remove_upstream(self, upstream_id: str) -> None:
+        if self._fast is not None:
+            self._fast.forget_upstream(upstream_id)
+            await self._fast.give_back_ahead()
         await self._tx(lambda conn: catalog.remove_upstream(conn, upstream_id))
 
     async def get_upstream(self, upstream_id: str) -> Upstream:
@@ -330,6 +343,8 @@ class SQLStorage:
             (result,) = await self._record_outcomes((write,))
         if isinstance(result, UpstreamNotFound):
             raise result
+        if result.transition is Transition.EJECTED:
+            self._forget_upstream(upstream_id)
         return result
 
     async def _record_outcomes(
@@ -338,6 +353,7 @@ class SQLStorage:
         return await self._tx(lambda conn: outcomes.record_outcomes(conn, writes))
 
     async def eject(self, upstream_id: str, until: float, now: float) -> Upstream:
+        self._forget_upstream(upstream_id)
         return await self._tx(lambda conn: outcomes.eject(conn, upstream_id, until, now))
 
     async def readmit(self, upstream_id: str, now: float) -> Upstream:
@@ -391,6 +407,10 @@ class SQLStorage:
     def _forget_pool(self, name: str) -> None:
         if self._fast is not None:
             self._fast.forget(name)
+
+    def _forget_upstream(self, upstream_id: str) -> None:
+        if self._fast is not None:
+            self._fast.forget_upstream(upstream_id)
 
     async def _beat_forever(self) -> None:
         while True:

@@ -20,7 +20,9 @@ caller's work. While acquires are on their way, releases wait for them and ride 
 next acquire statement (its `_releases` part), so that under load one statement, one commit and
 one round of row locks serve both; with no acquire coming, releases go alone at once. A caller
 alone is not delayed. A statement is atomic: it does all its callers' work or none, and a
-failure reaches each of them as their own would have.
+failure reaches each of them as their own would have. While requests of one kind keep coming
+faster than a statement answers, the statements also lease ahead for the requests to come,
+which take those leases without waiting (`ahead`: unlimited upstreams only, for a moment).
 
 Locks: a release takes its leases in id order, then their upstreams in key order, the order
 every transaction that waits for locks here takes (leases before upstreams, each sorted), so
@@ -41,6 +43,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from enum import Enum
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 from asyncpg.exceptions import DeadlockDetectedError
@@ -76,12 +79,13 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from core.errors import NoUpstreamAvailable
 from core.filters import Filter
 from core.models import Lease, LeaseRequest, Pool, Selector
+from core.storage.sql.ahead import MOST, Stock, Stocks
 from core.storage.sql.batching import Coalescer
 from core.storage.sql.filters import to_sql
 from core.storage.sql.lanes import Lanes
 from core.storage.sql.rows import upstream_from_row
 from core.storage.sql.statements import ACTIVE, LIVE, Flavor, candidates, pick_select
-from core.storage.sql.tables import LEASE_TICK, leases, pools, upstreams
+from core.storage.sql.tables import LEASE_TICK, UNLIMITED, leases, pools, upstreams
 
 __all__ = ["Compiled", "FastPaths", "verdict"]
 
@@ -115,6 +119,10 @@ IN_FLIGHT = 1
 #: none is on its way: alone it would be a statement, a commit and a round of row locks of its
 #: own, which the next acquire statement would wait for.
 RELEASE_LINGER = 0.002
+#: Seconds before leases held ahead that could not be given back are tried again.
+GIVE_BACK_RETRY = 1.0
+#: Seconds between looks for leases on their way to the stock, while it is emptied.
+_ARRIVING = 0.005
 #: Times a statement that lost a deadlock is tried again.
 DEADLOCK_RETRIES = 3
 #: Distinct filters whose statements and batches are kept.
@@ -486,7 +494,9 @@ _AcquireKey = tuple[str, Selector, bool, Filter | None]
 
 
 class FastPaths:
-    def __init__(self, lanes: Lanes, dialect: Dialect) -> None:
+    def __init__(self, lanes: Lanes, dialect: Dialect, *, lease_ahead: int = MOST) -> None:
+        """`lease_ahead`: leases held ahead for one kind of request at most (`ahead`; 0 for
+        none)."""
         self._lanes = lanes
         self._dialect = dialect
         #: Each pool's selector as this process last read it (the statement checks it).
@@ -499,6 +509,14 @@ class FastPaths:
             self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, hold=self._holding
         )
         self._linger: asyncio.TimerHandle | None = None
+        self._stocks = Stocks(self._give_back, most=lease_ahead)
+        #: Releases of leases held ahead, until they are written.
+        self._giving_back: set[asyncio.Future[bool]] = set()
+        #: Leases held ahead whose release failed (the database away), tried again later.
+        self._owed: list[Lease] = []
+        self._retry: asyncio.TimerHandle | None = None
+        #: Upstreams with a concurrency limit, as the last statement that leased them said.
+        self._limited: set[str] = set()
         self._release = Compiled(_release_statement(), dialect)
         self._release_one = Compiled(_RELEASE_ONE, dialect)
         self._renew = Compiled(_RENEW, dialect)
@@ -520,7 +538,32 @@ class FastPaths:
         self._selectors[pool.name] = pool.selector
 
     def forget(self, name: str) -> None:
+        """The pool changed (or went): its selector is read again, its leases held ahead go."""
         self._selectors.pop(name, None)
+        self._stocks.give_back(lambda lease: lease.pool == name)
+
+    def forget_upstream(self, upstream_id: str) -> None:
+        """The upstream was ejected, changed or removed: its leases held ahead go."""
+        self._stocks.give_back(lambda lease: lease.upstream.id == upstream_id)
+
+    async def give_back_ahead(self) -> None:
+        """Give back every lease held ahead and wait until the database has them (before a
+        pool is removed)."""
+        self._stocks.give_back()
+        while self._giving_back or self._stocks.asking:
+            if self._giving_back:
+                await asyncio.wait(list(self._giving_back))
+            else:  # asked for before: they go back as they arrive
+                await asyncio.sleep(_ARRIVING)
+
+    async def close(self) -> None:
+        """Give back every lease held ahead, as far as the database answers: what it does not
+        take stays held by this process until a sweep finds the holder gone."""
+        await self.give_back_ahead()
+        self._stocks.forget()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     async def acquire(
         self, request: LeaseRequest, holder: str, now: float
@@ -548,7 +591,19 @@ class FastPaths:
         if acquirer is None:
             acquirer = self._acquirer(key)
         expires_at = None if request.duration is None else now + request.duration
-        return acquirer.submit(_Ask(request.pool, request.consumer, holder, now, expires_at))
+        ask = _Ask(request.pool, request.consumer, holder, now, expires_at)
+        if expires_at is not None or not self._stocks.enabled:
+            return acquirer.submit(ask)
+        stock = self._stocks.stock(key, (request.consumer, holder))
+        lease = self._stocks.take(stock)
+        if lease is None:
+            pending = acquirer.submit(ask)
+        else:
+            pending = asyncio.get_running_loop().create_future()
+            pending.set_result(lease)
+        for _ in range(stock.wanted()):
+            acquirer.submit(ask).add_done_callback(partial(self._stocked, stock))
+        return pending
 
     def release(self, lease_id: int, *, linger: bool = False) -> asyncio.Future[bool]:
         """Whether the lease was released, once its batch ran (which it does even if nobody
@@ -556,9 +611,7 @@ class FastPaths:
         `RELEASE_LINGER` for an acquire statement to carry it, and so do the releases made
         meanwhile: they go together."""
         if linger and self._linger is None and not self._acquiring():
-            self._linger = asyncio.get_running_loop().call_later(
-                RELEASE_LINGER, self._linger_over
-            )
+            self._linger = asyncio.get_running_loop().call_later(RELEASE_LINGER, self._linger_over)
         return self._releaser.submit(lease_id)
 
     async def renew(self, lease_id: int, expires_at: float | None) -> bool | None:
@@ -574,10 +627,10 @@ class FastPaths:
             # Many pools or filters seen: keep the batches in use, forget the idle ones.
             self._acquirers = {k: c for k, c in self._acquirers.items() if c.busy}
             self._statements.clear()
-        _, selector, guarded, filters = key
+            self._stocks.prune()
 
         async def run(asks: Sequence[_Ask]) -> list[_Outcome]:
-            return await self._acquire_batch(selector, guarded, filters, asks)
+            return await self._acquire_batch(key, asks)
 
         acquirer = Coalescer(run, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, orphan=self._disown)
         self._acquirers[key] = acquirer
@@ -608,16 +661,12 @@ class FastPaths:
             statement = self._statements[key] = Compiled(built, self._dialect)
         return statement
 
-    async def _acquire_batch(
-        self,
-        selector: Selector,
-        guarded: bool,
-        filters: Filter | None,
-        asks: Sequence[_Ask],
-    ) -> list[_Outcome]:
+    async def _acquire_batch(self, key: _AcquireKey, asks: Sequence[_Ask]) -> list[_Outcome]:
+        _, selector, guarded, filters = key
         try:
             return await self._acquire_rounds(selector, guarded, filters, asks)
         finally:
+            self._stocks.answered(key)
             # After the batcher has sent its next batch, if any: that one takes the releases.
             asyncio.get_running_loop().call_soon(self._releaser.kick)
 
@@ -668,7 +717,12 @@ class FastPaths:
             served: list[Lease | None] = [None] * len(granted)
             for n, lease_id, *columns in granted:
                 ask = pending[n - 1]
-                upstream = upstream_from_row(dict(zip(_UPSTREAM_COLUMNS, columns, strict=True)))
+                values = dict(zip(_UPSTREAM_COLUMNS, columns, strict=True))
+                upstream = upstream_from_row(values)
+                if values["lim"] < UNLIMITED:
+                    self._limited.add(upstream.id)
+                else:
+                    self._limited.discard(upstream.id)
                 served[n - 1] = Lease(
                     str(lease_id),
                     upstream,
@@ -703,6 +757,37 @@ class FastPaths:
     def _disown(self, outcome: _Outcome) -> None:
         if isinstance(outcome, Lease):
             self.release(int(outcome.id)).add_done_callback(_orphan_released)
+
+    def _stocked(self, stock: Stock, asked: asyncio.Future[_Outcome]) -> None:
+        outcome = None if asked.cancelled() or asked.exception() else asked.result()
+        if isinstance(outcome, Lease):
+            self._stocks.put(stock, outcome, limited=outcome.upstream.id in self._limited)
+        else:
+            self._stocks.missed(stock)
+
+    def _give_back(self, lease: Lease) -> None:
+        released = self.release(int(lease.id), linger=True)
+        self._giving_back.add(released)
+        released.add_done_callback(partial(self._given_back, lease))
+
+    def _given_back(self, lease: Lease, released: asyncio.Future[bool]) -> None:
+        self._giving_back.discard(released)
+        if released.cancelled() or (error := released.exception()) is None:
+            return
+        # Still held by this process in the database: kept and tried again, as the lease
+        # manager keeps a release it could not write.
+        if not self._owed:
+            log.warning("could not give back leases held ahead (trying again): %s", error)
+        self._owed.append(lease)
+        if self._retry is None:
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(GIVE_BACK_RETRY, self._give_back_owed)
+
+    def _give_back_owed(self) -> None:
+        self._retry = None
+        owed, self._owed = self._owed, []
+        for lease in owed:
+            self._give_back(lease)
 
     async def _fetch(self, statement: Compiled, params: dict[str, Any]) -> Any:
         args = statement.args(params)
