@@ -126,6 +126,16 @@ async def test_limited_upstreams_are_never_held_ahead(storage: ScratchPostgres) 
     assert await held_in_database(storage) == len(in_use) + 1  # and no more was asked for
 
 
+async def test_a_pool_whose_limit_went_holds_leases_ahead_again(storage: ScratchPostgres) -> None:
+    await make_pool(storage, 4, max_concurrency=100)
+    await warm(storage)
+    await give_back(storage, await stock_up(storage))
+    await storage.update_pool(Pool("p"))
+    await warm(storage)
+    in_use = await stock_up(storage)
+    assert await held_in_database(storage) > len(in_use)
+
+
 async def test_an_ejected_upstream_loses_its_leases_held_ahead_at_once(
     storage: ScratchPostgres,
 ) -> None:

@@ -179,7 +179,7 @@ class SQLStorage:
         self._forget_pool(pool.name)
 
     async def remove_pool(self, name: str) -> None:
-        if self._fast is not None:
+        if self._fast is not None:  # a lease nobody took yet must not keep the pool
             await self._fast.give_back_ahead()
         try:
             await self._tx(lambda conn: catalog.remove_pool(conn, name))
@@ -205,8 +205,7 @@ class SQLStorage:
         return await self._tx(lambda conn: catalog.update_upstream(conn, upstream_id, changes))
 
     async def remove_upstream(self, upstream_id: str) -> None:
-        if self._fast is not None:
-            self._fast.forget_upstream(upstream_id)
+        if self._fast is not None:  # nor the upstream's row
             await self._fast.give_back_ahead()
         await self._tx(lambda conn: catalog.remove_upstream(conn, upstream_id))
 

@@ -158,6 +158,14 @@ class Stocks:
             stock.leases = kept
         return given
 
+    def reset(self, groups: Callable[[Any], bool]) -> None:
+        """Those groups' pools changed: their kinds start over (a limit may be gone)."""
+        for group, stocks in self._groups.items():
+            if groups(group):
+                for stock in stocks.values():
+                    stock.target = 0
+                    stock.limited = False
+
     def prune(self) -> None:
         """Forget the kinds that hold and await nothing."""
         for group, stocks in list(self._groups.items()):

@@ -541,6 +541,7 @@ class FastPaths:
         """The pool changed (or went): its selector is read again, its leases held ahead go."""
         self._selectors.pop(name, None)
         self._stocks.give_back(lambda lease: lease.pool == name)
+        self._stocks.reset(lambda key: key[0] == name)
 
     def forget_upstream(self, upstream_id: str) -> None:
         """The upstream was ejected, changed or removed: its leases held ahead go."""
