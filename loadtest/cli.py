@@ -120,6 +120,9 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
         sizes = [int(s) for s in args.pool_sizes.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--pool-sizes {args.pool_sizes!r}: comma-separated counts") from None
+    if args.storage and scenario.name != "storage":
+        # Silently measuring memory:// instead would pass for a figure of the storage given.
+        raise UsageError("--storage is for the storage scenario (the others run on memory://)")
     storages = args.storage or ["memory://", f"sqlite:///{workdir / 'loadtest.db'}"]
     body = args.body_size if args.body_size is not None else scenario.body
     if args.tls and scenario.mode == "http":

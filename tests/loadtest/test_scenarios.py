@@ -142,6 +142,12 @@ def test_idle_tunnels_take_no_request_load(tmp_path: Path) -> None:
     assert "--tunnels is for the idle-tunnels scenario" in outcome.stderr
 
 
+def test_storage_urls_are_for_the_storage_scenario(tmp_path: Path) -> None:
+    outcome = run_loadtest(tmp_path, "faults", *SHORT, "--storage", "sqlite:///")
+    assert outcome.code == 2
+    assert "--storage is for the storage scenario" in outcome.stderr
+
+
 def test_faults_follow_the_schedule_and_leak_nothing(tmp_path: Path) -> None:
     # The default schedule over a short run; requests to the blackholed upstream give up at 1 s.
     outcome = run_loadtest(
