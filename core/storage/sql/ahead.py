@@ -141,22 +141,19 @@ class Stocks:
         """A lease asked for ahead did not come (all busy, or the statement failed)."""
         stock.asked -= 1
 
-    def give_back(self, doomed: Callable[[Lease], bool] | None = None) -> int:
+    def give_back(self, doomed: Callable[[Lease], bool] | None = None) -> None:
         """Give back the leases held ahead (those `doomed` says, or all), and those that
-        arrive within `TTL` (asked for before): how many now."""
+        arrive within `TTL` (asked for before)."""
         if self.asking:
             self._bars.append((doomed, asyncio.get_running_loop().time() + self._ttl))
-        given = 0
         for stock in self._all():
             kept: deque[tuple[Lease, float]] = deque()
             for lease, stocked_at in stock.leases:
                 if doomed is None or doomed(lease):
                     self._release(lease)
-                    given += 1
                 else:
                     kept.append((lease, stocked_at))
             stock.leases = kept
-        return given
 
     def reset(self, groups: Callable[[Any], bool]) -> None:
         """Those groups' pools changed: their kinds start over (a limit may be gone)."""

@@ -515,6 +515,7 @@ class FastPaths:
         #: Leases held ahead whose release failed (the database away), tried again later.
         self._owed: list[Lease] = []
         self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
         #: Upstreams with a concurrency limit, as the last statement that leased them said.
         self._limited: set[str] = set()
         self._release = Compiled(_release_statement(), dialect)
@@ -561,6 +562,7 @@ class FastPaths:
         """Give back every lease held ahead, as far as the database answers: what it does not
         take stays held by this process until a sweep finds the holder gone."""
         await self.give_back_ahead()
+        self._closed = True
         self._stocks.forget()
         if self._retry is not None:
             self._retry.cancel()
@@ -773,7 +775,7 @@ class FastPaths:
 
     def _given_back(self, lease: Lease, released: asyncio.Future[bool]) -> None:
         self._giving_back.discard(released)
-        if released.cancelled() or (error := released.exception()) is None:
+        if released.cancelled() or (error := released.exception()) is None or self._closed:
             return
         # Still held by this process in the database: kept and tried again, as the lease
         # manager keeps a release it could not write.
