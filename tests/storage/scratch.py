@@ -11,11 +11,14 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 
 from core.storage.sql import SQLStorage, upgrade
+from tests.conftest import skip_or_fail
 
 __all__ = [
     "POSTGRES_URL",
@@ -23,6 +26,7 @@ __all__ = [
     "ScratchSQLite",
     "drop_schema",
     "make_schema",
+    "open_scratch_postgres",
     "postgres_unavailable",
 ]
 
@@ -95,3 +99,17 @@ class ScratchPostgres(SQLStorage):
         finally:
             if self.schema is not None:
                 await drop_schema(self.schema)
+
+
+@asynccontextmanager
+async def open_scratch_postgres(**settings: Any) -> AsyncIterator[ScratchPostgres]:
+    """An open ScratchPostgres, closed (and its schema dropped) afterwards; the test skips, or
+    fails where CI demands PostgreSQL, when the server cannot be used."""
+    if reason := await postgres_unavailable():
+        skip_or_fail(reason)
+    scratch = ScratchPostgres(**settings)
+    await scratch.open()
+    try:
+        yield scratch
+    finally:
+        await scratch.close()

@@ -18,23 +18,16 @@ from core.errors import StorageUnavailable
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Selector
 from core.storage.sql.fast import Compiled
-from tests.conftest import skip_or_fail
 from tests.core.conftest import make_pool
-from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, postgres_unavailable
+from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, open_scratch_postgres
 
 NOW = 1_000.0
 
 
 @pytest.fixture
 async def storage() -> AsyncIterator[ScratchPostgres]:
-    if reason := await postgres_unavailable():
-        skip_or_fail(reason)
-    store = ScratchPostgres()
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
+    async with open_scratch_postgres() as scratch:
+        yield scratch
 
 
 async def warm(storage: ScratchPostgres, pool: str = "p") -> None:

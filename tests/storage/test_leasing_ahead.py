@@ -18,24 +18,17 @@ from core.errors import StorageUnavailable
 from core.models import Lease, LeaseRequest, Pool
 from core.storage.sql import SQLStorage, ahead
 from core.storage.sql import fast as fast_paths
-from tests.conftest import skip_or_fail
 from tests.core.conftest import make_pool
-from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, postgres_unavailable
+from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, open_scratch_postgres
 from tests.storage.test_batched_leasing import NOW, warm
 
 
 @pytest.fixture
 async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ScratchPostgres]:
-    if reason := await postgres_unavailable():
-        skip_or_fail(reason)
     # Long enough that a busy machine does not see them go stale mid-test.
     monkeypatch.setattr(ahead, "TTL", 2.0)
-    store = ScratchPostgres()
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
+    async with open_scratch_postgres() as scratch:
+        yield scratch
 
 
 async def held_in_database(storage: SQLStorage) -> int:

@@ -12,20 +12,13 @@ import pytest
 
 from core.errors import StorageUnavailable
 from core.models import LeaseRequest, Pool, Upstream
-from tests.conftest import skip_or_fail
-from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, postgres_unavailable
+from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, open_scratch_postgres
 
 
 @pytest.fixture
 async def storage() -> AsyncIterator[ScratchPostgres]:
-    if reason := await postgres_unavailable():
-        skip_or_fail(reason)
-    scratch = ScratchPostgres(statement_timeout=0.5)
-    await scratch.open()
-    try:
+    async with open_scratch_postgres(statement_timeout=0.5) as scratch:
         yield scratch
-    finally:
-        await scratch.close()
 
 
 async def test_a_statement_left_unanswered_fails_as_unavailable(storage: ScratchPostgres) -> None:
