@@ -7,8 +7,7 @@ a quiet moment, an ejection, the pool's removal or the storage's close."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -19,6 +18,7 @@ from core.models import Lease, LeaseRequest, Pool
 from core.storage.sql import SQLStorage, ahead
 from core.storage.sql import fast as fast_paths
 from tests.core.conftest import make_pool
+from tests.gateway.test_http_more import eventually
 from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, open_scratch_postgres
 from tests.storage.test_batched_leasing import NOW, warm
 
@@ -41,13 +41,6 @@ async def held_in_database(storage: SQLStorage) -> int:
         await connection.close()
     assert isinstance(count, int)
     return count
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "not within the time given"
-        await asyncio.sleep(0.02)
 
 
 async def stock_up(storage: SQLStorage) -> list[Lease]:
@@ -101,7 +94,7 @@ async def test_leases_held_ahead_go_back_when_the_requests_stop(storage: Scratch
     async def none_held() -> bool:
         return await held_in_database(storage) == 0
 
-    await eventually(none_held)
+    await eventually(none_held, "every lease held ahead given back")
 
 
 async def test_limited_upstreams_are_never_held_ahead(storage: ScratchPostgres) -> None:
@@ -112,7 +105,8 @@ async def test_limited_upstreams_are_never_held_ahead(storage: ScratchPostgres) 
     async def only_those_in_use() -> bool:
         return await held_in_database(storage) == len(in_use)
 
-    await eventually(only_those_in_use, within=1.0)  # what came ahead went straight back
+    # What came ahead went straight back.
+    await eventually(only_those_in_use, "only the leases in use held")
     assert taken_at_once(storage) is None
     lease = await storage.acquire(LeaseRequest("p"), holder="h1", now=NOW)
     assert lease is not None
@@ -190,4 +184,4 @@ async def test_leases_held_ahead_that_could_not_go_back_are_tried_again(
     async def none_held() -> bool:
         return await held_in_database(storage) == 0
 
-    await eventually(none_held)
+    await eventually(none_held, "every lease held ahead given back")
