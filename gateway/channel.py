@@ -196,6 +196,11 @@ class Channel(asyncio.Protocol):
         self._on_pause_writing = pause
         self._on_resume_writing = resume
 
+    def limit_buffer(self, high: int) -> None:
+        """Hold up to `high` outgoing bytes before `on_write_pressure` pauses the peer."""
+        if self.transport is not None and not self.closed:
+            self.transport.set_write_buffer_limits(high=high)
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()

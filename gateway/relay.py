@@ -15,7 +15,15 @@ from enum import StrEnum
 
 from gateway.channel import Channel
 
-__all__ = ["RelayEnd", "RelayResult", "relay"]
+__all__ = ["BUFFER_LIMIT", "RelayEnd", "RelayResult", "relay"]
+
+#: Bytes a side may hold for its peer before the other side stops reading. uvloop reads up to
+#: 256 KB at a time, so at the transports' default mark (64 KiB) a single read the peer could
+#: not take at once paused reading after nearly every read, and each pause and resume woke the
+#: far end once more: bulk CONNECT tunnels moved 0.87-0.90 of the bytes a client gets straight
+#: from the upstream, 0.89-0.93 with this mark (runs alternating the two). Memory stays bounded:
+#: at most this much (plus one read) per direction, and only while a peer is the slower side.
+BUFFER_LIMIT = 256 * 1024
 
 
 class RelayEnd(StrEnum):
@@ -73,6 +81,8 @@ class _Tunnel:
         upstream.set_sink(
             self.from_upstream, on_eof=self.upstream_ended, on_lost=self.upstream_lost
         )
+        client.limit_buffer(BUFFER_LIMIT)
+        upstream.limit_buffer(BUFFER_LIMIT)
         client.on_write_pressure(upstream.pause_reading, upstream.resume_reading)
         upstream.on_write_pressure(client.pause_reading, client.resume_reading)
         if client_early:
