@@ -76,6 +76,7 @@ class Stocks:
         self._ttl = TTL
         self._groups: dict[Hashable, dict[Hashable, Stock]] = {}
         self._expiry: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: (which leases, until when): leases given back lately, and those still on their way
         #: from a statement sent before, go back as they arrive.
         self._bars: list[tuple[Callable[[Lease], bool] | None, float]] = []
@@ -83,6 +84,15 @@ class Stocks:
     @property
     def enabled(self) -> bool:
         return self._most > 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once: each request takes from here, and each lookup
+        of the running loop is a system call."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def asking(self) -> bool:
@@ -105,7 +115,7 @@ class Stocks:
         leases = stock.leases
         if not leases:
             return None
-        oldest = asyncio.get_running_loop().time() - self._ttl
+        oldest = self.loop.time() - self._ttl
         while leases:
             lease, stocked_at = leases.popleft()
             if stocked_at >= oldest:
@@ -129,8 +139,8 @@ class Stocks:
         stock.asked -= 1
         if limited:
             stock.limited = True
-        loop = asyncio.get_running_loop()
-        if stock.limited or not self.enabled or self._barred(lease, loop.time()):
+        loop = self.loop
+        if stock.limited or self._barred(lease, loop.time()):
             self._release(lease)
             return
         stock.leases.append((lease, loop.time()))
@@ -145,7 +155,7 @@ class Stocks:
         """Give back the leases held ahead (those `doomed` says, or all), and those that
         arrive within `TTL` (asked for before)."""
         if self.asking:
-            self._bars.append((doomed, asyncio.get_running_loop().time() + self._ttl))
+            self._bars.append((doomed, self.loop.time() + self._ttl))
         for stock in self._all():
             kept: deque[tuple[Lease, float]] = deque()
             for lease, stocked_at in stock.leases:
@@ -187,7 +197,7 @@ class Stocks:
 
     def _expire(self) -> None:
         self._expiry = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         oldest = loop.time() - self._ttl
         left = False
         for stock in self._all():

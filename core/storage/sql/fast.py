@@ -602,7 +602,7 @@ class FastPaths:
         if lease is None:
             pending = acquirer.submit(ask)
         else:
-            pending = asyncio.get_running_loop().create_future()
+            pending = self._stocks.loop.create_future()
             pending.set_result(lease)
         for _ in range(stock.wanted()):
             acquirer.submit(ask).add_done_callback(partial(self._stocked, stock))
