@@ -15,7 +15,7 @@ def test_defaults() -> None:
         gateway.keepalive_max_idle_total,
         gateway.keepalive_idle_timeout,
         gateway.keepalive_max_uses,
-    ) == (32, 256, 15.0, 100)
+    ) == (32, 256, 15.0, 1000)
 
 
 def test_every_key_is_read_from_the_file_and_the_environment(write: WriteFile) -> None:
