@@ -315,6 +315,7 @@ class GatewayContext:
             kept = self.connections.borrow(lease.upstream, host, port)
             if kept is not None:
                 return Leased(lease, kept)
+            self.connections.count_miss()
         try:
             dialed = await dial(
                 lease.upstream,

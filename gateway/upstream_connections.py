@@ -51,7 +51,7 @@ class KeepAliveLimits:
 @dataclass(slots=True)
 class ConnectionStats:
     idle: int = 0
-    #: Requests that got a kept connection, and those that needed a new one.
+    #: Requests that got a kept connection, and those that dialed a new one.
     reused: int = 0
     missed: int = 0
     #: Connections kept after a request, and those closed because of a rule above.
@@ -121,8 +121,12 @@ class UpstreamConnections:
                     stats.reused += 1
                     mode = DialMode.TUNNEL if key[2] else DialMode.FORWARD
                     return Dialed(channel, b"", mode, 0.0, entry.uses)
-        stats.missed += 1
         return None
+
+    def count_miss(self) -> None:
+        """A request that could have reused a connection dials a new one: counted here, once,
+        however many times it looked (the keep-alive lane looks before its coroutine does)."""
+        self.stats.missed += 1
 
     def keep(self, upstream: Upstream, host: str, port: int, channel: Channel, uses: int) -> None:
         """Take back a connection that carried `uses` requests and is ready for another
