@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest import idle, report
+from loadtest import idle, procs, report
 from loadtest.peers import PEERS, ensure
 from loadtest.rig import RigError
 from loadtest.runner import Options, TargetRun, pin_harness, run_scenario
@@ -301,6 +301,7 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     for note in not_measured:
         report.say(f"  NOT MEASURED {note}")
     restore = pin_harness(options.pin)
+    procs.keep_freed_memory()  # this process is the load generator
     started = time.time()
     try:
         runs = _run(options, args.quiet)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import resource
 import socket
 import subprocess
@@ -15,7 +17,20 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["free_port", "raise_fd_limit", "spawn", "stop", "tail", "wait_listening"]
+__all__ = [
+    "free_port",
+    "keep_freed_memory",
+    "raise_fd_limit",
+    "spawn",
+    "stop",
+    "tail",
+    "wait_listening",
+]
+
+# glibc's mallopt() parameters (malloc.h), and its largest mmap threshold on 64-bit.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEPT_BLOCK = 32 * 1024 * 1024
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,6 +52,30 @@ def raise_fd_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def keep_freed_memory() -> bool:
+    """Have the C allocator keep the memory this process frees for its next allocations;
+    False where it could not be asked (no glibc).
+
+    Every read of bulk bytes allocates an object of up to 256 KiB. By default glibc gives such
+    blocks back to the kernel when they are freed (unmapped, or trimmed off the heap's top),
+    and the next one is faulted in again page by page. In a virtual machine that hands freed
+    pages back to its host, the load generator then spent a quarter of its CPU in page faults,
+    and runs of `connect-throughput` fell to half their rate for minutes at a time. Only the
+    harness's own processes (load generator, rig) call this: the gateway and the peers it is
+    compared with keep the allocator's defaults, as users run them."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    answers: list[int] = [
+        mallopt(_M_MMAP_THRESHOLD, _KEPT_BLOCK),
+        mallopt(_M_TRIM_THRESHOLD, 2 * _KEPT_BLOCK),
+    ]
+    return answers == [1, 1]
 
 
 def _nr_open() -> int:

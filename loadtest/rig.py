@@ -316,6 +316,7 @@ def _say(message: dict[str, Any]) -> None:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     procs.raise_fd_limit()
+    procs.keep_freed_memory()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency of the project
