@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import platform
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +169,30 @@ def test_idle_fleet_layout_keeps_every_process_within_its_files(tunnels: int, li
 def test_idle_fleet_layout_uses_few_processes() -> None:
     assert fleet_layout(10_000, 4, 20_000).shards == (3, 1)
     assert fleet_layout(50, 4, 1_024).shards == (4,)
+
+
+# Fifty rounds of eight 256 KiB reads' worth of memory, allocated and freed: 25,600 pages
+# touched. glibc's defaults give the freed blocks back to the kernel and fault them in again
+# (24,000 faults here); kept, they are reused.
+_CHURN = """
+import resource
+from loadtest import procs
+assert procs.keep_freed_memory()
+def churn():
+    for _ in range(50):
+        blocks = [bytearray(256 * 1024) for _ in range(8)]
+        del blocks
+churn()  # the first rounds grow the heap either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_harness_processes_keep_the_memory_they_free() -> None:
+    # In a process of its own: the test run's allocator keeps its defaults.
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", _CHURN]
+    faults = int(subprocess.run(command, cwd=repo, capture_output=True, check=True).stdout)
+    assert faults < 256
