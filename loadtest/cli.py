@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest import idle, procs, report
+from loadtest import idle, procs, report, wrk
 from loadtest.peers import PEERS, ensure
 from loadtest.rig import RigError
 from loadtest.runner import Options, TargetRun, pin_harness, run_scenario
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--sessions", type=int, help="sticky sessions to spread requests over")
     load.add_argument("--sticky-ttl", type=float, help="the pool's session idle TTL, seconds")
     load.add_argument("--tunnels", type=int, help="idle-tunnels: how many to hold open")
+    load.add_argument(
+        "--loadgen",
+        choices=("builtin", "wrk"),
+        default="builtin",
+        help="the load generator: the harness's own, or wrk where installed "
+        f"({', '.join(wrk.ALLOWED_SCENARIOS)})",
+    )
     rig = parser.add_argument_group("rig")
     rig.add_argument("--upstreams", type=int, help="upstreams in the fleet")
     rig.add_argument("--fleet", choices=("sim", "debian"), default="sim")
@@ -132,6 +139,8 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
     _check_tunnels(args, scenario, tunnels)
     if duration <= 0 or warmup < 0 or (args.connections is not None and args.connections < 1):
         raise UsageError("--duration must be > 0, --warmup >= 0, --connections >= 1")
+    if args.loadgen == "wrk":
+        _check_wrk(args, scenario, sessions)
     return Options(
         scenario=scenario,
         duration=duration,
@@ -157,7 +166,28 @@ def _options(args: argparse.Namespace, workdir: Path) -> Options:
         workdir=workdir,
         gateway=_gateway_overrides(args),
         tunnels=tunnels,
+        loadgen=args.loadgen,
     )
+
+
+def _check_wrk(args: argparse.Namespace, scenario: Scenario, sessions: int) -> None:
+    """wrk makes closed-loop plain HTTP load through a proxy, nothing else."""
+    if scenario.name not in wrk.ALLOWED_SCENARIOS:
+        allowed = " and ".join(wrk.ALLOWED_SCENARIOS)
+        raise UsageError(f"--loadgen wrk serves {allowed}, not {scenario.name}")
+    given = [
+        flag
+        for flag, value in (
+            ("--rate", args.rate),
+            ("--requests", args.requests),
+            ("--sessions", sessions or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(f"--loadgen wrk takes no {', '.join(given)} (the built-in generator does)")
+    if not wrk.available():
+        raise UsageError("--loadgen wrk: wrk is not installed (Debian: apt-get install wrk)")
 
 
 def _check_tunnels(args: argparse.Namespace, scenario: Scenario, tunnels: int) -> None:
@@ -221,6 +251,7 @@ def _describe(options: Options) -> str:
         f"per request, {what}"
         + (f", {options.sessions} sessions" if options.sessions else "")
         + _kept_connections(options)
+        + ("; load from wrk" if options.loadgen == "wrk" else "")
         + f"\n  {options.warmup:g} s warm-up + {options.duration:g} s measured"
         + (f", at most {options.requests:,} requests" if options.requests else "")
         + (f"; {options.rounds} alternating round(s)" if options.compare else "")
@@ -305,7 +336,7 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     started = time.time()
     try:
         runs = _run(options, args.quiet)
-    except (RigError, TargetError) as exc:
+    except (RigError, TargetError, wrk.WrkError) as exc:
         progress.done()
         print(f"loadtest: {exc}", file=sys.stderr)
         return EXIT_FAILED

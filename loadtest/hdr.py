@@ -45,16 +45,16 @@ class Histogram:
         self.min = 0
         self.max = 0
 
-    def record(self, value: int) -> None:
+    def record(self, value: int, times: int = 1) -> None:
         bucket = bucket_of(value)
         counts = self.counts
-        counts[bucket] = counts.get(bucket, 0) + 1
+        counts[bucket] = counts.get(bucket, 0) + times
         if self.count == 0 or value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
-        self.count += 1
-        self.total += value
+        self.count += times
+        self.total += value * times
 
     def merge(self, other: Histogram) -> None:
         for bucket, n in other.counts.items():

@@ -36,6 +36,7 @@ from loadtest.targets import (
     start_proxygate,
 )
 from loadtest.toxics import FaultStep, Toxics
+from loadtest.wrk import run_wrk
 
 __all__ = [
     "Options",
@@ -79,6 +80,8 @@ class Options:
     progress: Callable[[str, Progress], None] | None = None
     #: idle-tunnels: how many to hold.
     tunnels: int = 0
+    #: "builtin" (`loadtest.loadgen`) or "wrk" (`loadtest.wrk`).
+    loadgen: str = "builtin"
 
 
 @dataclass
@@ -298,9 +301,14 @@ async def measure(
         background.append(asyncio.create_task(sampler(running, run.samples), name="sampler"))
     progress = options.progress
     try:
-        run.load = await run_load(
-            spec, marks, (lambda p: progress(f"{name} {label}".strip(), p)) if progress else None
-        )
+        if options.loadgen == "wrk":
+            run.load = await run_wrk(spec, marks, log_dir=workdir)
+        else:
+            run.load = await run_load(
+                spec,
+                marks,
+                (lambda p: progress(f"{name} {label}".strip(), p)) if progress else None,
+            )
     finally:
         for task in background:
             task.cancel()

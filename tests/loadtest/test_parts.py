@@ -21,6 +21,8 @@ from loadtest.origin import BuiltinOrigin
 from loadtest.runner import drain_check
 from loadtest.targets import Running
 from loadtest.toxics import ToxicError, Toxics, parse_step
+from loadtest.wrk import WrkError
+from loadtest.wrk import parse as parse_wrk
 
 
 def test_histogram_percentiles_are_within_a_tenth_of_a_percent() -> None:
@@ -196,3 +198,22 @@ def test_the_harness_processes_keep_the_memory_they_free() -> None:
     command = [sys.executable, "-c", _CHURN]
     faults = int(subprocess.run(command, cwd=repo, capture_output=True, check=True).stdout)
     assert faults < 256
+
+
+def test_wrk_output_becomes_a_load_result() -> None:
+    # done()'s lines: duration (us), answers, bytes, then errors by kind, then each latency
+    # (us) with its count; wrk's own report lines are ignored.
+    result = parse_wrk(
+        "Running 5s test @ http://127.0.0.1:8080/\n"
+        "total 5000000 1000 250000 0 1 0 10 2\n"
+        "latency 900 500\n"
+        "latency 1100 499\n"
+        "latency 25000 1\n"
+    )
+    assert (result.requests, result.bytes, result.seconds) == (990, 250_000, 5.0)
+    assert result.errors == {"read": 1, "status": 10, "timeout": 2}
+    assert result.histogram.count == 1000
+    assert result.histogram.max == 25_000_000
+    assert 900_000 <= result.histogram.percentile(50) < 1_000_000
+    with pytest.raises(WrkError, match="no summary"):
+        parse_wrk("unable to connect to 127.0.0.1:8080 Connection refused\n")

@@ -14,6 +14,7 @@ from loadtest.peers import PEERS, installed
 from tests.conftest import skip_or_fail
 from tests.loadtest.harness import SHORT, assert_no_leak, assert_run_record, run_loadtest
 from tests.storage.scratch import POSTGRES_URL, postgres_unavailable
+from tests.support.debian_proxies import require_program
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
 
@@ -376,3 +377,30 @@ def _loadtest_schemas() -> set[str]:
         return {row["nspname"] for row in rows}
 
     return asyncio.run(names())
+
+
+@pytest.mark.parametrize("scenario", ["http-keepalive", "http-newconn"])
+def test_wrk_makes_the_load(tmp_path: Path, scenario: str) -> None:
+    require_program("wrk")
+    outcome = run_loadtest(tmp_path, scenario, *SHORT, "-c", "4", "--loadgen", "wrk")
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    assert "load from wrk" in outcome.stdout
+    (run,) = outcome.proxygate_runs()
+    assert_run_record(run)
+    assert run["requests"] > 0
+    assert run["histogram_ns"]["count"] >= run["requests"]  # every answer has its latency
+    assert_no_leak(outcome)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["socks5"], "--loadgen wrk serves http-keepalive and http-newconn, not socks5"),
+        (["http-keepalive", "--rate", "100"], "--loadgen wrk takes no --rate"),
+        (["sticky"], "not sticky"),
+    ],
+)
+def test_wrk_refuses_what_it_cannot_do(tmp_path: Path, args: list[str], message: str) -> None:
+    outcome = run_loadtest(tmp_path, *args, *SHORT, "--loadgen", "wrk")
+    assert outcome.code == 2, outcome.stdout + outcome.stderr
+    assert message in outcome.stderr
