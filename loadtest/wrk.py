@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loadtest.client import Plan
-from loadtest.loadgen import LoadResult, LoadSpec, Progress
+from loadtest.loadgen import LoadResult, LoadSpec
 
 __all__ = ["ALLOWED_SCENARIOS", "WrkError", "available", "parse", "run_wrk", "script_for"]
 
@@ -94,14 +94,10 @@ def parse(output: str) -> LoadResult:
 
 
 async def run_wrk(
-    spec: LoadSpec,
-    marks: Callable[[str], None] = lambda _: None,
-    progress: Callable[[Progress], None] | None = None,
-    *,
-    log_dir: Path | None = None,
+    spec: LoadSpec, marks: Callable[[str], None], *, log_dir: Path | None = None
 ) -> LoadResult:
-    """The same contract as `loadgen.run_load`, with wrk making the load."""
-    del progress  # wrk reports once, at its end
+    """What `loadgen.run_load` does, with wrk making the load; no progress on the way (wrk
+    reports once, at its end), and its output kept in `log_dir`."""
     with tempfile.TemporaryDirectory(prefix="loadtest-wrk-") as scratch:
         script = Path(scratch) / "run.lua"
         script.write_text(script_for(spec.plan))
