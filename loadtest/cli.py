@@ -175,15 +175,7 @@ def _check_wrk(args: argparse.Namespace, scenario: Scenario, sessions: int) -> N
     if scenario.name not in wrk.ALLOWED_SCENARIOS:
         allowed = " and ".join(wrk.ALLOWED_SCENARIOS)
         raise UsageError(f"--loadgen wrk serves {allowed}, not {scenario.name}")
-    given = [
-        flag
-        for flag, value in (
-            ("--rate", args.rate),
-            ("--requests", args.requests),
-            ("--sessions", sessions or None),
-        )
-        if value is not None
-    ]
+    given = _given(("--rate", args.rate), ("--requests", args.requests), ("--sessions", sessions))
     if given:
         raise UsageError(f"--loadgen wrk takes no {', '.join(given)} (the built-in generator does)")
     if not wrk.available():
@@ -198,22 +190,23 @@ def _check_tunnels(args: argparse.Namespace, scenario: Scenario, tunnels: int) -
         return
     if tunnels < 1:
         raise UsageError("--tunnels must be >= 1")
-    given = [
-        flag
-        for flag, value in (
-            ("--rate", args.rate),
-            ("--requests", args.requests),
-            ("--sessions", args.sessions),
-            ("--fault", args.fault),
-            ("--compare", args.compare),
-        )
-        if value
-    ]
+    given = _given(
+        ("--rate", args.rate),
+        ("--requests", args.requests),
+        ("--sessions", args.sessions),
+        ("--fault", args.fault),
+        ("--compare", args.compare),
+    )
     if given:
         raise UsageError(f"idle-tunnels holds tunnels idle: {', '.join(given)} do not apply")
     # The Debian programs and nginx are configured for far fewer connections than this holds.
     if args.fleet != "sim" or args.origin != "builtin":
         raise UsageError("idle-tunnels runs on the sim fleet and the builtin origin")
+
+
+def _given(*flags: tuple[str, object]) -> list[str]:
+    """The flags among `(flag, value)` that were given a value."""
+    return [flag for flag, value in flags if value]
 
 
 def _kept_connections(options: Options) -> str:

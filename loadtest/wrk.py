@@ -80,7 +80,7 @@ def parse(output: str) -> LoadResult:
             micros, count = (int(field) for field in rest.split())
             result.histogram.record(micros * 1000, count)
     if total is None or len(total) != 3 + len(_ERROR_KINDS):
-        raise WrkError("wrk printed no summary (see its output in the work directory)")
+        raise WrkError(f"wrk printed no summary: {output.strip()[-300:]}")
     duration, answers, read, *errors = total
     result.seconds = max(duration / 1e6, 1e-9)
     result.bytes = read
@@ -119,15 +119,15 @@ async def _wrk(
     spec: LoadSpec, script: Path, seconds: float, log_dir: Path | None, phase: str
 ) -> str:
     host, port = spec.plan.proxy
+    whole = max(1, math.ceil(seconds))  # wrk takes whole seconds
     command = [
         "wrk",
         "--threads",
         "1",
         "--connections",
         str(spec.connections),
-        # wrk takes whole seconds.
         "--duration",
-        f"{max(1, math.ceil(seconds))}s",
+        f"{whole}s",
         "--timeout",
         f"{max(1, math.ceil(spec.timeout))}s",
         "--script",
@@ -141,7 +141,7 @@ async def _wrk(
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), math.ceil(seconds) + _GRACE)
+        out, _ = await asyncio.wait_for(process.communicate(), whole + _GRACE)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

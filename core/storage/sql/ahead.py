@@ -140,10 +140,11 @@ class Stocks:
         if limited:
             stock.limited = True
         loop = self.loop
-        if stock.limited or self._barred(lease, loop.time()):
+        now = loop.time()
+        if stock.limited or self._barred(lease, now):
             self._release(lease)
             return
-        stock.leases.append((lease, loop.time()))
+        stock.leases.append((lease, now))
         if self._expiry is None:
             self._expiry = loop.call_later(self._ttl, self._expire)
 
