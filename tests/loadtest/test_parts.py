@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from loadtest import procstat
 from loadtest.client import ClientError, Counters, Plan, open_conn
 from loadtest.fleet import SimUpstream
 from loadtest.hdr import Histogram, bucket_of, highest_in
@@ -198,6 +202,36 @@ def test_the_harness_processes_keep_the_memory_they_free() -> None:
     command = [sys.executable, "-c", _CHURN]
     faults = int(subprocess.run(command, cwd=repo, capture_output=True, check=True).stdout)
     assert faults < 256
+
+
+def test_a_process_tree_is_found_whole_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child, and a child with a child of its own (it says so once both are started).
+    tree = subprocess.Popen(
+        ["sh", "-c", "sleep 30 & (sleep 30 & echo started; wait) & wait"],
+        stdout=subprocess.PIPE,
+    )
+    found = [tree.pid]
+    try:
+        assert tree.stdout is not None
+        tree.stdout.readline()
+        tree.stdout.close()
+        found = procstat.descendants(tree.pid)
+        assert found[0] == tree.pid
+        assert len(found) >= 4  # sh, sleep, the subshell and its sleep
+        monkeypatch.setattr(procstat, "_children", lambda pid: None)  # no children lists
+        assert sorted(procstat.descendants(tree.pid)) == sorted(found)
+    finally:
+        for pid in reversed(found):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tree.wait()
+
+
+def test_a_process_gone_has_no_tree() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert procstat.descendants(gone.pid) == [gone.pid]
+    assert procstat.sample(gone.pid).cpu == 0.0
 
 
 def test_wrk_output_becomes_a_load_result() -> None:
