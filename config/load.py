@@ -24,6 +24,7 @@ from config.schema import (
     AdminSettings,
     CheckSettings,
     GatewaySettings,
+    HttpUpstreamMode,
     ListenAddress,
     ListenerSettings,
     PoolSettings,
@@ -154,6 +155,9 @@ class _Builder:
             ),
             keepalive_max_uses=table.get(
                 "keepalive_max_uses", self.positive, default.keepalive_max_uses
+            ),
+            http_upstream_mode=table.get(
+                "http_upstream_mode", self.http_upstream_mode, default.http_upstream_mode
             ),
         )
 
@@ -415,6 +419,9 @@ class _Builder:
 
     def log_level(self, path: KeyPath, value: Any) -> str:
         return self.choice(path, value, LOG_LEVELS)
+
+    def http_upstream_mode(self, path: KeyPath, value: Any) -> HttpUpstreamMode:
+        return HttpUpstreamMode(self.choice(path, value, list(HttpUpstreamMode)))
 
     def selector(self, path: KeyPath, value: Any) -> Selector:
         return Selector(self.choice(path, value, list(Selector)))

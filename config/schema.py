@@ -6,6 +6,7 @@ import hmac
 import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from core.endpoints import Endpoint
 from core.models import HealthPolicy, Pool, Selector, StickyFailure, Upstream
@@ -110,6 +111,18 @@ class Users(Mapping[str, str]):
 _NO_USERS = Users()
 
 
+class HttpUpstreamMode(StrEnum):
+    """How a plain HTTP request goes through an HTTP(S) upstream proxy."""
+
+    #: As an absolute-form request (the upstream sees every request): what every HTTP proxy
+    #: takes, and what a proxy that refuses CONNECT to port 80 (squid's default) needs.
+    FORWARD = "forward"
+    #: Through a CONNECT tunnel to the target, kept for that upstream and target and reused by
+    #: later requests: for upstreams that close their connection after every answer (as
+    #: tinyproxy does), where forwarding costs a new connection per request.
+    CONNECT = "connect"
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 8899),)
@@ -139,6 +152,7 @@ class GatewaySettings:
     #: Requests one connection may carry: each retirement costs a later request a new
     #: connection (at 100, one request in a hundred under steady load paid for a dial).
     keepalive_max_uses: int = 1000
+    http_upstream_mode: HttpUpstreamMode = HttpUpstreamMode.FORWARD
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ KEYS: dict[str, dict[str, Kind]] = {
         "keepalive_max_idle_total": "int",
         "keepalive_idle_timeout": "float",
         "keepalive_max_uses": "int",
+        "http_upstream_mode": "str",
     },
     "storage": {"url": "str"},
     "admin": {"listen": "str", "token": "str"},

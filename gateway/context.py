@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from config import GatewaySettings, Users
+from config import GatewaySettings, HttpUpstreamMode, Users
 from core.errors import (
     CoreError,
     NoUpstreamAvailable,
@@ -113,7 +113,8 @@ class GatewayContext:
                 max_idle_total=settings.keepalive_max_idle_total,
                 idle_timeout=settings.keepalive_idle_timeout,
                 max_uses=settings.keepalive_max_uses,
-            )
+            ),
+            http_tunnels=settings.http_upstream_mode is HttpUpstreamMode.CONNECT,
         )
         self.express = ExpressPlans(self.route, self._check_plain_destination, self.via)
 
@@ -321,7 +322,7 @@ class GatewayContext:
                 lease.upstream,
                 host,
                 port,
-                tunnel=tunnel,
+                tunnel=tunnel or self.connections.via_connect(lease.upstream),
                 connect_timeout=self.settings.connect_timeout,
                 policy=self.policy,
                 via=self.via,

@@ -1,9 +1,10 @@
 """Keep-alive connections to upstreams, kept between plain HTTP requests for the next one.
 
 Rotation stays per request: the lease is taken as always, and only the connection to the
-leased upstream is reused. A connection to an HTTP proxy carries requests for any target, so it
-is kept per upstream; through any other upstream (SOCKS, direct) a connection reaches one
-target, so it is kept per upstream and target.
+leased upstream is reused. A connection to an HTTP proxy that is sent requests in absolute form
+carries requests for any target, so it is kept per upstream; through any other upstream (SOCKS,
+direct, or an HTTP proxy reached through CONNECT tunnels, `HttpUpstreamMode.CONNECT`) a
+connection reaches one target, so it is kept per upstream and target.
 
 The recycling rules of an object pool:
 
@@ -84,8 +85,9 @@ class _Idle:
 
 
 class UpstreamConnections:
-    def __init__(self, limits: KeepAliveLimits) -> None:
+    def __init__(self, limits: KeepAliveLimits, *, http_tunnels: bool = False) -> None:
         self.limits = limits
+        self._http_tunnels = http_tunnels
         self.stats = ConnectionStats()
         # Kept connections per key (most recent last), and all of them oldest first.
         self._idle: dict[_Key, list[_Idle]] = {}
@@ -97,10 +99,16 @@ class UpstreamConnections:
     def enabled(self) -> bool:
         return self.limits.max_idle > 0 and not self._closed
 
+    def via_connect(self, upstream: Upstream) -> bool:
+        """Whether plain HTTP requests go through `upstream`, an HTTP(S) proxy, in CONNECT
+        tunnels to their targets (`http_tunnels`) rather than in absolute form."""
+        scheme = upstream.endpoint.scheme
+        return self._http_tunnels and (scheme is Scheme.HTTP or scheme is Scheme.HTTPS)
+
     def borrow(self, upstream: Upstream, host: str, port: int) -> Dialed | None:
         """A kept connection to `upstream` for a plain HTTP request to host:port (its `uses`
         say how many requests it already carried); None when there is none fit to use."""
-        key = _key(upstream, host, port)
+        key = _key(upstream, host, port, self._http_tunnels)
         stack = self._idle.get(key)
         stats = self.stats
         if stack:
@@ -139,7 +147,7 @@ class UpstreamConnections:
             self.stats.retired += 1
             _discard(channel)
             return
-        key = _key(upstream, host, port)
+        key = _key(upstream, host, port, self._http_tunnels)
         stack = self._idle.get(key)
         if stack is not None and len(stack) >= limits.max_idle:
             self._evict(stack[0])
@@ -214,10 +222,10 @@ def _discard(channel: Channel) -> None:
     channel.close()
 
 
-def _key(upstream: Upstream, host: str, port: int) -> _Key:
+def _key(upstream: Upstream, host: str, port: int, http_tunnels: bool) -> _Key:
     # The id names the endpoint (and a string hashes once); the endpoint itself would be
     # hashed field by field on every request.
     scheme = upstream.endpoint.scheme
-    if scheme is Scheme.HTTP or scheme is Scheme.HTTPS:
+    if (scheme is Scheme.HTTP or scheme is Scheme.HTTPS) and not http_tunnels:
         return (upstream.id, "", 0)
     return (upstream.id, host, port)

@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         "and 0 in scale)",
     )
     peers.add_argument(
+        "--http-upstream-mode",
+        choices=("forward", "connect"),
+        default=None,
+        help="plain HTTP through HTTP upstreams: absolute-form requests or kept CONNECT "
+        "tunnels (default: the gateway's, forward)",
+    )
+    peers.add_argument(
         "--no-install", action="store_true", help="never pip-install peers or matplotlib"
     )
     out = parser.add_argument_group("output")
@@ -218,6 +225,13 @@ def _kept_connections(options: Options) -> str:
     return f"; proxygate keeps up to {kept:g} connections per upstream"
 
 
+def _http_upstream_mode(options: Options) -> str:
+    mode = options.gateway.get("http_upstream_mode")
+    if mode == "connect":
+        return "; plain HTTP through HTTP upstreams in kept CONNECT tunnels"
+    return "" if mode is None else f"; plain HTTP through HTTP upstreams: {mode}"
+
+
 def _describe(options: Options) -> str:
     s = options.scenario
     if s.name == "idle-tunnels":
@@ -244,6 +258,7 @@ def _describe(options: Options) -> str:
         f"per request, {what}"
         + (f", {options.sessions} sessions" if options.sessions else "")
         + _kept_connections(options)
+        + _http_upstream_mode(options)
         + ("; load from wrk" if options.loadgen == "wrk" else "")
         + f"\n  {options.warmup:g} s warm-up + {options.duration:g} s measured"
         + (f", at most {options.requests:,} requests" if options.requests else "")
@@ -295,14 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _gateway_overrides(args: argparse.Namespace) -> dict[str, float | int]:
-    overrides: dict[str, float | int] = {}
+def _gateway_overrides(args: argparse.Namespace) -> dict[str, float | int | str]:
+    overrides: dict[str, float | int | str] = {}
     if args.sticky_ttl is not None:
         overrides["sticky_ttl"] = args.sticky_ttl
     if args.upstream_keepalive is not None:
         if args.upstream_keepalive < 0:
             raise UsageError("--upstream-keepalive must be 0 or more")
         overrides["keepalive_max_idle"] = args.upstream_keepalive
+    if args.http_upstream_mode is not None:
+        overrides["http_upstream_mode"] = args.http_upstream_mode
     return overrides
 
 

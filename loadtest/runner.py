@@ -76,7 +76,7 @@ class Options:
     drain_wait: float
     workdir: Path
     #: GatewayConfig fields set from the command line, over the scenario's.
-    gateway: dict[str, float | int] = field(default_factory=dict)
+    gateway: dict[str, float | int | str] = field(default_factory=dict)
     progress: Callable[[str, Progress], None] | None = None
     #: idle-tunnels: how many to hold.
     tunnels: int = 0

@@ -65,6 +65,9 @@ class GatewayConfig:
     #: Kept connections per upstream (0: a new upstream connection per request); None keeps
     #: the gateway's default.
     keepalive_max_idle: int | None = None
+    #: How plain HTTP goes through HTTP upstreams ("forward", "connect"); None keeps the
+    #: gateway's default.
+    http_upstream_mode: str | None = None
     #: The gateway's active health checks (a round over every upstream at start).
     checks: bool = True
 
@@ -91,6 +94,11 @@ def write_config(config: GatewayConfig, directory: Path, port: int, admin_port: 
             []
             if config.keepalive_max_idle is None
             else [f"keepalive_max_idle = {config.keepalive_max_idle}"]
+        ),
+        *(
+            []
+            if config.http_upstream_mode is None
+            else [f"http_upstream_mode = {_toml_string(config.http_upstream_mode)}"]
         ),
         "",
         "[storage]",

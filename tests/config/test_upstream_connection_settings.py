@@ -1,9 +1,11 @@
-"""Settings of kept upstream connections and of the response timeout."""
+"""Settings of kept upstream connections, of how plain HTTP goes through HTTP upstreams, and
+of the response timeout."""
 
 from __future__ import annotations
 
 import pytest
 
+from config import HttpUpstreamMode
 from tests.config.helpers import WriteFile, assert_message, config_error, load
 
 
@@ -16,6 +18,7 @@ def test_defaults() -> None:
         gateway.keepalive_idle_timeout,
         gateway.keepalive_max_uses,
     ) == (32, 256, 15.0, 1000)
+    assert gateway.http_upstream_mode is HttpUpstreamMode.FORWARD
 
 
 def test_every_key_is_read_from_the_file_and_the_environment(write: WriteFile) -> None:
@@ -29,6 +32,13 @@ def test_every_key_is_read_from_the_file_and_the_environment(write: WriteFile) -
     assert gateway.keepalive_max_idle_total == 9
 
 
+def test_http_upstream_mode_is_read_from_the_file_and_the_environment(write: WriteFile) -> None:
+    path = write('[gateway]\nhttp_upstream_mode = "connect"\n')
+    assert load(path).gateway.http_upstream_mode is HttpUpstreamMode.CONNECT
+    env = {"PROXYGATE_GATEWAY__HTTP_UPSTREAM_MODE": "forward"}
+    assert load(path, env=env).gateway.http_upstream_mode is HttpUpstreamMode.FORWARD
+
+
 @pytest.mark.parametrize(
     ("line", "key", "reason"),
     [
@@ -36,6 +46,7 @@ def test_every_key_is_read_from_the_file_and_the_environment(write: WriteFile) -
         ("keepalive_max_idle = -1", "keepalive_max_idle", "at least 0"),
         ('keepalive_idle_timeout = "soon"', "keepalive_idle_timeout", "number of seconds"),
         ("keepalive_max_uses = 0", "keepalive_max_uses", "at least 1"),
+        ('http_upstream_mode = "tunnel"', "http_upstream_mode", "not one of forward, connect"),
     ],
 )
 def test_bad_values_name_file_key_and_reason(

@@ -236,6 +236,15 @@ def test_upstream_keepalive_can_be_set(tmp_path: Path) -> None:
     assert "keeps up to 8 connections per upstream" in outcome.stdout
 
 
+def test_plain_http_can_go_through_http_upstreams_in_tunnels(tmp_path: Path) -> None:
+    outcome = run_loadtest(
+        tmp_path, "http-keepalive", *SHORT, "-c", "2", "--http-upstream-mode", "connect"
+    )
+    assert outcome.code == 0, outcome.stdout + outcome.stderr
+    assert "plain HTTP through HTTP upstreams in kept CONNECT tunnels" in outcome.stdout
+    assert_no_leak(outcome)
+
+
 def test_open_loop_at_a_fixed_rate(tmp_path: Path) -> None:
     outcome = run_loadtest(tmp_path, "http-keepalive", *SHORT, "--rate", "200", "-c", "8")
     assert outcome.code == 0, outcome.stdout + outcome.stderr
