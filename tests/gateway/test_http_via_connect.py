@@ -8,6 +8,8 @@ keep-alive carries the next requests. Rotation stays per request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import asdict
 
 from gateway.app import Gateway
@@ -80,6 +82,21 @@ async def test_a_client_through_aiohttp_gets_the_same(
         assert b'"peer"' in body
     assert [r.method for r in proxy.requests] == ["CONNECT"]
     assert origin.count("/echo") == 4
+
+
+async def test_a_request_with_a_body_goes_through_the_tunnel_whole(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    proxy = await fake_http_proxy_factory()
+    gateway = await start_gateway(CONNECT_MODE + pool_toml(proxy.url))
+    body = bytes(range(256)) * 1024
+    status, _, answer = await fetch(
+        origin.url_for("/upload"), proxy_url(gateway), method="POST", data=body
+    )
+    assert status == 200
+    assert json.loads(answer) == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+    assert [r.method for r in proxy.requests] == ["CONNECT"]
+    assert [r.path for r in origin.requests_for("/upload")] == ["/upload"]
 
 
 async def test_an_upstream_refusing_the_connect_is_retried_on_another(
