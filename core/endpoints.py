@@ -55,6 +55,11 @@ class Endpoint:
         return self.username is not None
 
     @property
+    def is_http_proxy(self) -> bool:
+        """An HTTP(S) proxy: it takes absolute-form requests as well as CONNECT."""
+        return self.scheme is Scheme.HTTP or self.scheme is Scheme.HTTPS
+
+    @property
     def source_address(self) -> str | None:
         """The local address a `direct` upstream leaves from, if one was given."""
         if self.scheme is not Scheme.DIRECT:

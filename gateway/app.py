@@ -151,7 +151,7 @@ class Gateway:
                 log.warning("the judge gave no address of ours: anonymity cannot be told")
         self._checks = CheckScheduler(
             self.manager,
-            build_checkers(checks, context.policy),
+            build_checkers(checks, context.policy, http_tunnels=context.connections.http_tunnels),
             interval=checks.interval,
             concurrency=checks.concurrency,
             real_ip=real_ip,

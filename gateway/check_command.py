@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any, TextIO
 
-from config import Settings
+from config import HttpUpstreamMode, Settings
 from core.checks import CheckContext, CheckReport, run_pipeline
 from core.models import Upstream
 from gateway.checkers import build_checkers, learn_real_ip
@@ -32,7 +32,11 @@ async def run_check(
         print("proxygate: no upstreams to check", file=err)
         return 2
     checks = settings.checks
-    checkers = build_checkers(checks, DialPolicy(deny=settings.gateway.deny_destinations))
+    checkers = build_checkers(
+        checks,
+        DialPolicy(deny=settings.gateway.deny_destinations),
+        http_tunnels=settings.gateway.http_upstream_mode is HttpUpstreamMode.CONNECT,
+    )
     real_ip = None
     if checks.judge_url is not None:
         real_ip = await learn_real_ip(checks.judge_url, checks.timeout)

@@ -100,15 +100,17 @@ async def _fetch(
     timeout: float,
     policy: DialPolicy | None,
     ssl_context: ssl.SSLContext | None,
+    http_tunnels: bool = False,
 ) -> _Answer:
-    """GET `target` through `upstream`. Raises UpstreamError, or HttpProtocolError for an
-    answer that is not HTTP."""
+    """GET `target` through `upstream` (an `http://` target through an HTTP proxy as traffic
+    goes: in a CONNECT tunnel with `http_tunnels`). Raises UpstreamError, or HttpProtocolError
+    for an answer that is not HTTP."""
     started = time.perf_counter()
     dialed = await dial(
         upstream,
         target.host,
         target.port,
-        tunnel=target.tls,
+        tunnel=target.tls or (http_tunnels and upstream.endpoint.is_http_proxy),
         connect_timeout=timeout,
         policy=policy,
     )
@@ -297,11 +299,14 @@ class JudgeCheck:
         timeout: float,
         policy: DialPolicy | None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        http_tunnels: bool = False,
     ) -> None:
         self.target = _Target.parse(url)
         self.timeout = timeout
         self.policy = policy
         self.ssl_context = ssl_context
+        self.http_tunnels = http_tunnels
 
     def should_skip(self, upstream: Upstream) -> bool:
         return False
@@ -314,6 +319,7 @@ class JudgeCheck:
                 timeout=self.timeout,
                 policy=self.policy,
                 ssl_context=self.ssl_context,
+                http_tunnels=self.http_tunnels,
             )
         except (UpstreamError, HttpProtocolError) as exc:
             return _failure(exc)
@@ -341,11 +347,14 @@ class SiteReachCheck:
         timeout: float,
         policy: DialPolicy | None,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        http_tunnels: bool = False,
     ) -> None:
         self.targets = tuple(_Target.parse(url) for url in urls)
         self.timeout = timeout
         self.policy = policy
         self.ssl_context = ssl_context
+        self.http_tunnels = http_tunnels
 
     def should_skip(self, upstream: Upstream) -> bool:
         return not self.targets
@@ -365,6 +374,7 @@ class SiteReachCheck:
                 timeout=self.timeout,
                 policy=self.policy,
                 ssl_context=self.ssl_context,
+                http_tunnels=self.http_tunnels,
             )
         except (UpstreamError, HttpProtocolError) as exc:
             return _failure(exc)
@@ -377,18 +387,28 @@ def build_checkers(
     settings: CheckSettings,
     policy: DialPolicy | None,
     ssl_context: ssl.SSLContext | None = None,
+    *,
+    http_tunnels: bool = False,
 ) -> list[Checker]:
     """The pipeline the settings describe: TCP, then the handshake toward the judge (or the
-    first site), then the judge, then the sites; stages without a URL are left out."""
+    first site), then the judge, then the sites; stages without a URL are left out.
+    `http_tunnels`: plain HTTP goes through HTTP proxies in CONNECT tunnels
+    (`HttpUpstreamMode.CONNECT`), and so do the checks' `http://` requests."""
     timeout = settings.timeout
     checkers: list[Checker] = [TcpConnectCheck(timeout)]
     first_url = settings.judge_url or next(iter(settings.site_reach), None)
     if first_url is not None:
         checkers.append(HandshakeCheck(first_url, timeout, policy))
     if settings.judge_url is not None:
-        checkers.append(JudgeCheck(settings.judge_url, timeout, policy, ssl_context))
+        checkers.append(
+            JudgeCheck(settings.judge_url, timeout, policy, ssl_context, http_tunnels=http_tunnels)
+        )
     if settings.site_reach:
-        checkers.append(SiteReachCheck(settings.site_reach, timeout, policy, ssl_context))
+        checkers.append(
+            SiteReachCheck(
+                settings.site_reach, timeout, policy, ssl_context, http_tunnels=http_tunnels
+            )
+        )
     return checkers
 
 

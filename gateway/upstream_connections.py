@@ -87,7 +87,8 @@ class _Idle:
 class UpstreamConnections:
     def __init__(self, limits: KeepAliveLimits, *, http_tunnels: bool = False) -> None:
         self.limits = limits
-        self._http_tunnels = http_tunnels
+        #: Plain HTTP goes through HTTP proxies in CONNECT tunnels (`HttpUpstreamMode.CONNECT`).
+        self.http_tunnels = http_tunnels
         self.stats = ConnectionStats()
         # Kept connections per key (most recent last), and all of them oldest first.
         self._idle: dict[_Key, list[_Idle]] = {}
@@ -102,13 +103,12 @@ class UpstreamConnections:
     def via_connect(self, upstream: Upstream) -> bool:
         """Whether plain HTTP requests go through `upstream`, an HTTP(S) proxy, in CONNECT
         tunnels to their targets (`http_tunnels`) rather than in absolute form."""
-        scheme = upstream.endpoint.scheme
-        return self._http_tunnels and (scheme is Scheme.HTTP or scheme is Scheme.HTTPS)
+        return self.http_tunnels and upstream.endpoint.is_http_proxy
 
     def borrow(self, upstream: Upstream, host: str, port: int) -> Dialed | None:
         """A kept connection to `upstream` for a plain HTTP request to host:port (its `uses`
         say how many requests it already carried); None when there is none fit to use."""
-        key = _key(upstream, host, port, self._http_tunnels)
+        key = _key(upstream, host, port, self.http_tunnels)
         stack = self._idle.get(key)
         stats = self.stats
         if stack:
@@ -147,7 +147,7 @@ class UpstreamConnections:
             self.stats.retired += 1
             _discard(channel)
             return
-        key = _key(upstream, host, port, self._http_tunnels)
+        key = _key(upstream, host, port, self.http_tunnels)
         stack = self._idle.get(key)
         if stack is not None and len(stack) >= limits.max_idle:
             self._evict(stack[0])
@@ -224,7 +224,8 @@ def _discard(channel: Channel) -> None:
 
 def _key(upstream: Upstream, host: str, port: int, http_tunnels: bool) -> _Key:
     # The id names the endpoint (and a string hashes once); the endpoint itself would be
-    # hashed field by field on every request.
+    # hashed field by field on every request. The scheme is compared here, not through
+    # `Endpoint.is_http_proxy`: this runs twice per request.
     scheme = upstream.endpoint.scheme
     if (scheme is Scheme.HTTP or scheme is Scheme.HTTPS) and not http_tunnels:
         return (upstream.id, "", 0)

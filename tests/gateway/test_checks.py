@@ -124,6 +124,25 @@ async def test_anonymity_follows_the_fields_the_judge_saw(
     assert (report.context.exit_ip, report.context.anonymity) == (proxy.egress, anonymity)
 
 
+async def test_in_connect_mode_the_judge_is_asked_through_a_tunnel_as_traffic_goes(
+    tmp_path: Path, judge: str, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    proxy = await fake_http_proxy_factory()
+    path = config(tmp_path, judge, proxy.url)
+    path.write_text('[gateway]\nhttp_upstream_mode = "connect"\n' + path.read_text())
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_check(load_settings(path), None, as_json=True, out=out, err=err) == 0
+    assert json.loads(out.getvalue())[0]["exit_ip"] == proxy.egress
+    # The handshake stage's CONNECT, then the judge's own: no absolute-form request.
+    assert [r.method for r in proxy.requests] == ["CONNECT", "CONNECT"]
+    # The judge stage alone, built both ways: absolute form by default, else a tunnel.
+    both = [JudgeCheck(judge, 2.0, None), JudgeCheck(judge, 2.0, None, http_tunnels=True)]
+    for checker in both:
+        report = await run_pipeline([checker], Upstream.from_url(proxy.url, "p"), CheckContext())
+        assert report.passed
+    assert [r.method for r in proxy.requests[2:]] == ["GET", "CONNECT"]
+
+
 async def test_the_cli_runs_check_and_prints_json(
     tmp_path: Path, judge: str, fake_http_proxy_factory: FakeHttpProxyFactory
 ) -> None:
