@@ -417,6 +417,14 @@ class Exchange:
             and not self._upstream.eof
         )
 
+    @property
+    def upstream_ended(self) -> bool:
+        """This exchange ended in full and its upstream ended the connection: it said close
+        (or spoke HTTP/1.0), or closed after its answer."""
+        return self.end is ExchangeEnd.DONE and (
+            not self._upstream_keep_alive or self._upstream.eof
+        )
+
     def _detach(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()

@@ -116,8 +116,15 @@ def end_attempt(
         ctx.connections.keep(
             leased.lease.upstream, head.host, head.port, dialed.channel, dialed.uses + 1
         )
-    else:
-        dialed.channel.close()
+        return
+    if (
+        exchange is not None
+        and exchange.upstream_ended
+        and dialed.uses == 0
+        and dialed.mode is DialMode.FORWARD
+    ):
+        ctx.connections.closed_after_one(leased.lease.upstream.id)
+    dialed.channel.close()
 
 
 def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:

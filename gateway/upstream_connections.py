@@ -23,6 +23,7 @@ Connections are lent most recently used first: the warmest is the least likely t
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from core.endpoints import Scheme
@@ -33,6 +34,16 @@ from gateway.dial import Dialed, DialMode
 __all__ = ["ConnectionStats", "KeepAliveLimits", "UpstreamConnections"]
 
 _Key = tuple[str, str, int]
+
+log = logging.getLogger("proxygate.connections")
+
+#: Connections to HTTP upstreams (absolute form) that their upstream ended after one answer,
+#: before the gateway says once that `http_upstream_mode = "connect"` suits such upstreams.
+_HINT_AFTER = 100
+#: Seconds after its answer within which a kept connection's close counts as that: an idle
+#: timeout closes connections much later, an upstream serving one request per connection at
+#: once.
+_CLOSED_AT_ONCE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,7 @@ class UpstreamConnections:
         self._by_age: dict[_Idle, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._closed_after_one = 0
 
     @property
     def enabled(self) -> bool:
@@ -121,6 +133,7 @@ class UpstreamConnections:
                 channel.set_sink(None)
                 if channel.closed or channel.eof or channel.buffer:
                     stats.closed_by_upstream += 1
+                    self._closed_while_kept(entry)
                     channel.close()
                 elif entry.since < deadline:
                     stats.expired += 1
@@ -130,6 +143,18 @@ class UpstreamConnections:
                     mode = DialMode.TUNNEL if key[2] else DialMode.FORWARD
                     return Dialed(channel, b"", mode, 0.0, entry.uses)
         return None
+
+    def closed_after_one(self, upstream_id: str) -> None:
+        """An upstream sent requests in absolute form ended a connection after answering one:
+        said once in the log when that keeps happening, with what serves such upstreams."""
+        self._closed_after_one += 1
+        if self._closed_after_one == _HINT_AFTER:
+            log.info(
+                "HTTP upstreams end their connections after one answer (%s among them): every "
+                'request opens a new one; gateway.http_upstream_mode = "connect" keeps CONNECT '
+                "tunnels through them instead",
+                upstream_id,
+            )
 
     def count_miss(self) -> None:
         """A request that could have reused a connection dials a new one: counted here, once,
@@ -183,7 +208,15 @@ class UpstreamConnections:
         if entry in self._by_age:
             self._remove(entry)
             self.stats.closed_by_upstream += 1
+            self._closed_while_kept(entry)
         _discard(entry.channel)
+
+    def _closed_while_kept(self, entry: _Idle) -> None:
+        one_answer_in_absolute_form = entry.uses == 1 and not entry.key[2]
+        if one_answer_in_absolute_form and (
+            entry.channel.loop.time() - entry.since <= _CLOSED_AT_ONCE
+        ):
+            self.closed_after_one(entry.key[0])
 
     def _evict(self, entry: _Idle) -> None:
         self._remove(entry)

@@ -2,7 +2,8 @@
 
 Upstreams that close their connection after every answer (tinyproxy, and the fake HTTP proxy)
 cost a new connection per forwarded request; through a tunnel to the target, the target's own
-keep-alive carries the next requests. Rotation stays per request.
+keep-alive carries the next requests. Rotation stays per request. In forward mode the gateway
+says once in its log when upstreams keep doing that.
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import asdict
 
+import pytest
+
+from core.models import Upstream
 from gateway.app import Gateway
+from loadtest.fleet import SimUpstream
 from tests.gateway.conftest import StartGateway, proxy_url
 from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.support.fixtures import DebianProxyFactory, FakeHttpProxyFactory
@@ -20,6 +26,7 @@ from tests.support.origin import Origin
 
 CONNECT_MODE = '[gateway]\nlisten = ["127.0.0.1:0"]\nhttp_upstream_mode = "connect"\n'
 PASSWORD = "s3cret-upstream"
+OK = b"HTTP/1.1 200 OK"
 
 
 def stats(gateway: Gateway) -> dict[str, int]:
@@ -134,3 +141,61 @@ async def test_tinyproxy_forwarding_costs_a_connection_per_request(
     assert lines == [b"HTTP/1.1 200 OK"] * 4
     assert len(origin.connections) == 4
     assert stats(gateway)["reused"] == 0
+
+
+def hints(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "http_upstream_mode" in r.getMessage()]
+
+
+async def test_upstreams_that_say_close_after_every_answer_get_one_hint(
+    start_gateway: StartGateway,
+    origin: Origin,
+    fake_http_proxy_factory: FakeHttpProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "proxygate.connections")
+    proxy = await fake_http_proxy_factory()  # answers with Connection: close
+    gateway = await start_gateway(pool_toml(proxy.url))
+    assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
+    assert len(hints(caplog)) == 1
+    assert Upstream.from_url(proxy.url, "default").id in hints(caplog)[0]
+    assert str(proxy.port) not in hints(caplog)[0]  # the upstream's id, never its address
+
+
+async def test_tinyproxy_closing_without_a_word_gets_the_hint_too(
+    start_gateway: StartGateway,
+    origin: Origin,
+    tinyproxy_factory: DebianProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "proxygate.connections")
+    proxy = await tinyproxy_factory()
+    gateway = await start_gateway(pool_toml(proxy.url))
+    assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
+    for _ in range(100):  # the last closes arrive a moment after their answers
+        if hints(caplog):
+            break
+        await asyncio.sleep(0.02)
+    assert len(hints(caplog)) == 1
+
+
+async def test_no_hint_where_connections_are_kept(
+    start_gateway: StartGateway,
+    origin: Origin,
+    fake_http_proxy_factory: FakeHttpProxyFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "proxygate.connections")
+    proxy = await fake_http_proxy_factory()
+    gateway = await start_gateway(CONNECT_MODE + pool_toml(proxy.url))
+    assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
+    # And forwarding to an upstream that keeps its connections open.
+    keeping = SimUpstream(42, "http")
+    await keeping.start()
+    try:
+        gateway = await start_gateway(pool_toml(keeping.url))
+        assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
+        assert keeping.accepted == 1
+    finally:
+        await keeping.stop()
+    assert hints(caplog) == []
