@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pytest
@@ -143,49 +144,54 @@ async def test_tinyproxy_forwarding_costs_a_connection_per_request(
     assert stats(gateway)["reused"] == 0
 
 
-def hints(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "http_upstream_mode" in r.getMessage()]
+Hints = Callable[[], list[str]]
+
+
+@pytest.fixture
+def hints(caplog: pytest.LogCaptureFixture) -> Hints:
+    """The log's hints at connect mode so far."""
+    caplog.set_level(logging.INFO, "proxygate.connections")
+    return lambda: [
+        r.getMessage() for r in caplog.records if "http_upstream_mode" in r.getMessage()
+    ]
 
 
 async def test_upstreams_that_say_close_after_every_answer_get_one_hint(
     start_gateway: StartGateway,
     origin: Origin,
     fake_http_proxy_factory: FakeHttpProxyFactory,
-    caplog: pytest.LogCaptureFixture,
+    hints: Hints,
 ) -> None:
-    caplog.set_level(logging.INFO, "proxygate.connections")
     proxy = await fake_http_proxy_factory()  # answers with Connection: close
     gateway = await start_gateway(pool_toml(proxy.url))
     assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
-    assert len(hints(caplog)) == 1
-    assert Upstream.from_url(proxy.url, "default").id in hints(caplog)[0]
-    assert str(proxy.port) not in hints(caplog)[0]  # the upstream's id, never its address
+    assert len(hints()) == 1
+    assert Upstream.from_url(proxy.url, "default").id in hints()[0]
+    assert str(proxy.port) not in hints()[0]  # the upstream's id, never its address
 
 
 async def test_tinyproxy_closing_without_a_word_gets_the_hint_too(
     start_gateway: StartGateway,
     origin: Origin,
     tinyproxy_factory: DebianProxyFactory,
-    caplog: pytest.LogCaptureFixture,
+    hints: Hints,
 ) -> None:
-    caplog.set_level(logging.INFO, "proxygate.connections")
     proxy = await tinyproxy_factory()
     gateway = await start_gateway(pool_toml(proxy.url))
     assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
     for _ in range(100):  # the last closes arrive a moment after their answers
-        if hints(caplog):
+        if hints():
             break
         await asyncio.sleep(0.02)
-    assert len(hints(caplog)) == 1
+    assert len(hints()) == 1
 
 
 async def test_no_hint_where_connections_are_kept(
     start_gateway: StartGateway,
     origin: Origin,
     fake_http_proxy_factory: FakeHttpProxyFactory,
-    caplog: pytest.LogCaptureFixture,
+    hints: Hints,
 ) -> None:
-    caplog.set_level(logging.INFO, "proxygate.connections")
     proxy = await fake_http_proxy_factory()
     gateway = await start_gateway(CONNECT_MODE + pool_toml(proxy.url))
     assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
@@ -198,4 +204,4 @@ async def test_no_hint_where_connections_are_kept(
         assert keeping.accepted == 1
     finally:
         await keeping.stop()
-    assert hints(caplog) == []
+    assert hints() == []
