@@ -146,7 +146,10 @@ class UpstreamConnections:
 
     def closed_after_one(self, upstream_id: str) -> None:
         """An upstream sent requests in absolute form ended a connection after answering one:
-        said once in the log when that keeps happening, with what serves such upstreams."""
+        said once in the log when that keeps happening, with what serves such upstreams.
+        Not counted while connections are not kept: the gateway asked for the close then."""
+        if not self.enabled:
+            return
         self._closed_after_one += 1
         if self._closed_after_one == _HINT_AFTER:
             log.info(

@@ -205,3 +205,19 @@ async def test_no_hint_where_connections_are_kept(
     finally:
         await keeping.stop()
     assert hints() == []
+
+
+async def test_no_hint_where_the_gateway_asked_for_the_close(
+    start_gateway: StartGateway, origin: Origin, hints: Hints
+) -> None:
+    # With reuse off every forwarded request says Connection: close, and upstreams comply.
+    keeping = SimUpstream(43, "http")
+    await keeping.start()
+    try:
+        no_reuse = '[gateway]\nlisten = ["127.0.0.1:0"]\nkeepalive_max_idle = 0\n'
+        gateway = await start_gateway(no_reuse + pool_toml(keeping.url))
+        assert await keep_alive_gets(gateway, origin.url_for("/echo"), 120) == [OK] * 120
+        assert keeping.accepted == 120
+    finally:
+        await keeping.stop()
+    assert hints() == []
