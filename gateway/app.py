@@ -30,7 +30,7 @@ from core.models import Upstream
 from core.storage.interface import Storage
 from core.storage.memory import MemoryStorage
 from gateway.admin import build_admin_app
-from gateway.channel import Channel
+from gateway.channel import AcceptedChannel, Channel
 from gateway.checkers import build_checkers, learn_real_ip
 from gateway.connection import open_connection
 from gateway.context import GatewayContext
@@ -39,25 +39,6 @@ from gateway.errors import StartupError
 __all__ = ["Gateway", "StartupError", "describe_storage_error", "open_storage"]
 
 log = logging.getLogger("proxygate")
-
-
-class _ClientChannel(Channel):
-    """An accepted connection: serving starts as soon as the transport exists."""
-
-    __slots__ = ("_gateway", "_pool")
-
-    def __init__(self, gateway: Gateway, pool: str | None) -> None:
-        super().__init__(gateway.loop)
-        self._gateway = gateway
-        self._pool = pool
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._gateway.serve(self, self._pool)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
-        self._gateway.closed(self)
 
 
 class Gateway:
@@ -174,9 +155,14 @@ class Gateway:
         return StartupError(f"storage.url {redact_url(url)!r}: {reason}")
 
     async def _listen(self, host: str, port: int, pool: str | None) -> asyncio.Server:
+        loop = self.loop
+
+        def serve(channel: Channel) -> None:
+            self.serve(channel, pool)
+
         try:
             server = await self.loop.create_server(
-                lambda: _ClientChannel(self, pool),
+                lambda: AcceptedChannel(loop, serve, self.closed),
                 host,
                 port,
                 reuse_address=True,

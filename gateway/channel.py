@@ -18,7 +18,9 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import cast
 
-__all__ = ["BUFFER_LIMIT", "CLOSE_GRACE", "Channel", "ChannelClosed"]
+from gateway.errors import ChannelClosed
+
+__all__ = ["BUFFER_LIMIT", "CLOSE_GRACE", "AcceptedChannel", "Channel", "ChannelClosed"]
 
 #: Bytes a channel buffers for a reader that is not reading before it stops reading the socket.
 BUFFER_LIMIT = 256 * 1024
@@ -41,10 +43,6 @@ def _transports_with_nodelay() -> frozenset[type]:
 
 
 _NODELAY_BY_DEFAULT = _transports_with_nodelay()
-
-
-class ChannelClosed(ConnectionError):
-    """The peer closed (or reset) the connection while a reader was waiting for bytes."""
 
 
 class Channel(asyncio.Protocol):
@@ -275,6 +273,31 @@ class Channel(asyncio.Protocol):
         waiter = self._read_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class AcceptedChannel(Channel):
+    """A connection a listener accepted: `on_open` serves it as soon as its transport exists,
+    `on_close` hears that it is gone."""
+
+    __slots__ = ("_on_close", "_on_open")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_open: Callable[[Channel], None],
+        on_close: Callable[[Channel], None],
+    ) -> None:
+        super().__init__(loop)
+        self._on_open = on_open
+        self._on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_open(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._on_close(self)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

@@ -330,21 +330,13 @@ class GatewayContext:
         except UpstreamError as exc:
             upstream_id = lease.upstream.id
             tried.add(upstream_id)
-            session_failed = False
+            # Not `finally`: compiled, an await there re-raises the exception handled here.
             try:
-                if lease.session is not None and exc.outcome.counts_against_upstream:
-                    # The session leaves the failed upstream: bound anew on the retry, or
-                    # failed for good, as its pool says.
-                    pool = await manager.storage.get_pool(route.pool)
-                    session_failed = pool.on_sticky_failure is StickyFailure.FAIL
-                    await manager.unbind_session(lease, fail=session_failed)
-            except StorageUnavailable:
-                # The session stays on the failed upstream for now; the dial's failure is
-                # still the answer.
-                session_failed = False
-                log.info("session of lease %s not moved: the storage is unavailable", lease.id)
-            finally:
+                session_failed = await self._leave_upstream(route, lease, exc.outcome)
+            except BaseException:
                 await manager.put_back(lease)
+                raise
+            await manager.put_back(lease)
             await manager.report(upstream_id, exc.outcome, None)
             log.info("attempt via %s failed: %s (%s)", upstream_id, exc.outcome.value, exc.details)
             if session_failed:
@@ -356,6 +348,22 @@ class GatewayContext:
         # The request goes on at once: a success changes no routing decision of its own.
         await manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
         return Leased(lease, dialed)
+
+    async def _leave_upstream(self, route: Route, lease: Lease, outcome: Outcome) -> bool:
+        """A session's lease whose upstream failed: the session leaves it, bound anew on the
+        retry or failed for good (True), as its pool says."""
+        if lease.session is None or not outcome.counts_against_upstream:
+            return False
+        try:
+            pool = await self.manager.storage.get_pool(route.pool)
+            session_failed = pool.on_sticky_failure is StickyFailure.FAIL
+            await self.manager.unbind_session(lease, fail=session_failed)
+        except StorageUnavailable:
+            # The session stays on the failed upstream for now; the dial's failure is still
+            # the answer.
+            log.info("session of lease %s not moved: the storage is unavailable", lease.id)
+            return False
+        return session_failed
 
     async def _acquire(self, route: Route, tried: set[str]) -> Lease:
         request = _lease_request(route, tried)
@@ -384,6 +392,7 @@ class GatewayContext:
         the tunnel ends. The client hears success only once the upstream tunnel is up."""
         self.check_destination(host, port, tunnel=True)
         leased = await self.lease_and_dial(route, host, port, tunnel=True)
+        # Not `finally`: compiled, an await there re-raises any exception a caller is handling.
         try:
             if not isinstance(established, bytes):
                 established = established(leased.lease)
@@ -395,9 +404,12 @@ class GatewayContext:
                 client_early=client_early,
                 upstream_early=leased.dialed.early,
             )
-        finally:
+        except BaseException:
             leased.dialed.channel.close()
             await self.give_back(leased.lease)
+            raise
+        leased.dialed.channel.close()
+        await self.give_back(leased.lease)
 
     def lease_now(self, request: LeaseRequest) -> Lease | None:
         """For a plain HTTP request: a lease got without awaiting, or None when that needs

@@ -12,6 +12,7 @@ from core.models import Outcome
 __all__ = [
     "AuthRequired",
     "BadRequest",
+    "ChannelClosed",
     "DestinationDenied",
     "GatewayError",
     "LoopDetected",
@@ -23,6 +24,10 @@ __all__ = [
     "UnknownPool",
     "UpstreamError",
 ]
+
+
+class ChannelClosed(ConnectionError):
+    """The peer closed (or reset) a connection while a reader was waiting for bytes."""
 
 
 class StartupError(Exception):

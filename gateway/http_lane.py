@@ -56,7 +56,6 @@ from gateway.routing import Route
 __all__ = ["Attempt", "HttpLane", "LaneEnd"]
 
 _HEAD_END = b"\r\n\r\n"
-_UNPLANNED: Any = object()
 #: Bytes of a whole response below which its head and body go out joined (one copy, one
 #: buffer) rather than as two buffers.
 _JOIN_BELOW = 16 * 1024
@@ -346,9 +345,14 @@ class HttpLane:
             return False
         express = ctx.express
         fields = data[line_end + 2 :]
-        plan = self._plans.get(fields, _UNPLANNED)
-        if plan is _UNPLANNED:
-            plan = express.plan_request(self._plans, fields, self._listener_pool)
+        # Looked up twice, not with a sentinel default: compiled, a value that is not a plan
+        # fails the declared type.
+        plans = self._plans
+        plan = (
+            plans[fields]
+            if fields in plans
+            else express.plan_request(plans, fields, self._listener_pool)
+        )
         if plan is None or not ctx.connections.enabled:
             return False
         authority = line.group(3)
@@ -433,9 +437,8 @@ class HttpLane:
         if end >= 0:
             express = self._ctx.express
             head = data[: end + 4]
-            plan = express.responses.get(head, _UNPLANNED)
-            if plan is _UNPLANNED:
-                plan = express.plan_response(head)
+            responses = express.responses
+            plan = responses[head] if head in responses else express.plan_response(head)
         if plan is None or len(data) - end - 4 != plan.length:
             # Not a whole plain answer in one read: the general exchange takes it from here.
             self._take_over(data)

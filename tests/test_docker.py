@@ -421,11 +421,12 @@ def in_context(path: str, patterns: list[str]) -> bool:
 
 def source_files() -> Iterator[str]:
     """Every file the package is built from."""
-    yield from ("pyproject.toml", "README.md")
+    yield from ("pyproject.toml", "setup.py", "README.md")
     for package in ("core", "gateway", "config", "loadtest"):
         for path in sorted((ROOT / package).rglob("*")):
             parts = path.relative_to(ROOT).parts
-            if path.is_file() and not any(p == "__pycache__" or p.startswith(".") for p in parts):
+            hidden = any(p == "__pycache__" or p.startswith(".") for p in parts)
+            if path.is_file() and not hidden and path.suffix != ".so":  # .so: a build's output
                 yield path.relative_to(ROOT).as_posix()
 
 
@@ -445,6 +446,8 @@ def test_the_build_context_holds_the_sources_and_nothing_else() -> None:
         "core/__pycache__/models.cpython-311.pyc",
         "loadtest/results/run.json",
         "loadtest/.bench-venv/bin/python",
+        "gateway/channel.cpython-311-x86_64-linux-gnu.so",
+        "proxygate__mypyc.cpython-311-x86_64-linux-gnu.so",
     ):
         assert not in_context(path, patterns), path
 
