@@ -113,9 +113,7 @@ def end_attempt(
     (The lease is given back by the caller, which knows whether it may await.)"""
     dialed = leased.dialed
     if exchange is not None and exchange.upstream_reusable:
-        ctx.connections.keep(
-            leased.lease.upstream, head.host, head.port, dialed.channel, dialed.uses + 1
-        )
+        ctx.connections.keep(leased.lease.upstream, head.host, head.port, dialed)
         return
     if (
         exchange is not None

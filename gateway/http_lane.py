@@ -22,7 +22,6 @@ which goes on from where it stands.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +36,10 @@ from gateway.errors import GatewayError
 from gateway.exchange import Exchange, ExchangeEnd
 from gateway.express import (
     MAX_REQUEST_LINE,
-    REQUEST_LINE,
     RequestPlan,
     ResponsePlan,
     Target,
+    split_request_line,
 )
 from gateway.forwarding import REPLAYABLE, begin_exchange, end_attempt, new_exchange
 from gateway.protocols import (
@@ -56,6 +55,8 @@ from gateway.routing import Route
 __all__ = ["Attempt", "HttpLane", "LaneEnd"]
 
 _HEAD_END = b"\r\n\r\n"
+#: A request line `split_request_line` served: where it, its method and its authority end.
+_Line = tuple[int, int, int]
 #: Bytes of a whole response below which its head and body go out joined (one copy, one
 #: buffer) rather than as two buffers.
 _JOIN_BELOW = 16 * 1024
@@ -130,8 +131,9 @@ class HttpLane:
         self._busy: tuple[RequestHead, ForwardHeaders, Route, Leased] | None = None
         #: The request whose lease the storage is getting: its head, fields, route and request.
         self._leasing: tuple[RequestHead, ForwardHeaders, Route, LeaseRequest] | None = None
-        #: The same for a request carried on plans: its bytes, request line and plans.
-        self._leasing_on_plans: tuple[bytes, re.Match[bytes], RequestPlan, Target] | None = None
+        #: The same for a request carried on plans: its bytes, request line (where it, its
+        #: method and its authority end) and plans.
+        self._leasing_on_plans: tuple[bytes, _Line, RequestPlan, Target] | None = None
         #: The request carried on plans (no exchange object): its bytes, plans and lease.
         self._carrying: tuple[bytes, RequestPlan, Target, Leased] | None = None
         self._plans = ctx.express.requests_for(listener_pool)
@@ -340,9 +342,10 @@ class HttpLane:
         line_end = data.find(b"\r\n")
         if line_end > MAX_REQUEST_LINE:
             return False
-        line = REQUEST_LINE.fullmatch(data, 0, line_end)
-        if line is None:
+        method_end, authority_end = split_request_line(data, line_end)
+        if authority_end < 0:
             return False
+        line = (line_end, method_end, authority_end)
         express = ctx.express
         fields = data[line_end + 2 :]
         # Looked up twice, not with a sentinel default: compiled, a value that is not a plan
@@ -355,7 +358,7 @@ class HttpLane:
         )
         if plan is None or not ctx.connections.enabled:
             return False
-        authority = line.group(3)
+        authority = data[method_end + 8 : authority_end]
         target = express.targets.get(authority) or express.plan_target(authority)
         if target is None:
             return False
@@ -395,7 +398,7 @@ class HttpLane:
     def _send_on_plans(
         self,
         data: bytes,
-        line: re.Match[bytes],
+        line: _Line,
         plan: RequestPlan,
         target: Target,
         lease: Lease,
@@ -412,16 +415,17 @@ class HttpLane:
             return
         ctx.begin_use(plan.pool)
         forward = kept.mode is DialMode.FORWARD
+        line_end, method_end, authority_end = line
         if forward:
-            start = data[: line.end() + 2]  # absolute-form, HTTP/1.1: the line as it came
+            start = data[: line_end + 2]  # absolute-form, HTTP/1.1: the line as it came
         else:
-            path = line.group(4) or b"/"
+            path = data[authority_end : line_end - 9] or b"/"
             if path[0] != 0x2F:  # "/": a bare "?query" gets one
                 path = b"/" + path
-            start = line.group(1) + b" " + path + b" HTTP/1.1\r\n"
+            start = data[:method_end] + b" " + path + b" HTTP/1.1\r\n"
         upstream = kept.channel
         tail = ctx.express.tail(lease.upstream, forward)
-        upstream.write(start + plan.fields + target.host_field + tail)
+        upstream.write(b"".join((start, plan.fields, target.host_field, tail)))
         self._carrying = (data, plan, target, Leased(lease, kept))
         loop = upstream.loop
         self._sent_at = now = loop.time()
@@ -457,9 +461,7 @@ class HttpLane:
         lease, dialed = leased.lease, leased.dialed
         upstream = dialed.channel
         if plan.keep_alive and not upstream.eof:
-            ctx.connections.keep(
-                lease.upstream, target.host, target.port, upstream, dialed.uses + 1
-            )
+            ctx.connections.keep(lease.upstream, target.host, target.port, dialed)
         else:
             upstream.set_sink(None)
             upstream.close()

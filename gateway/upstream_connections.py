@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from core.endpoints import Scheme
 from core.models import Upstream
 from gateway.channel import Channel
-from gateway.dial import Dialed, DialMode
+from gateway.dial import Dialed
 
 __all__ = ["ConnectionStats", "KeepAliveLimits", "UpstreamConnections"]
 
-_Key = tuple[str, str, int]
+#: An upstream's id for connections that carry requests for any target, (id, host, port) for
+#: those that reach one target.
+_Key = str | tuple[str, str, int]
 
 log = logging.getLogger("proxygate.connections")
 
@@ -77,15 +79,14 @@ class ConnectionStats:
 class _Idle:
     """A kept connection; its bound methods are the channel's callbacks while it waits."""
 
-    __slots__ = ("channel", "key", "owner", "since", "uses")
+    __slots__ = ("channel", "dialed", "key", "owner", "since")
 
-    def __init__(
-        self, owner: UpstreamConnections, key: _Key, channel: Channel, uses: int, since: float
-    ) -> None:
+    def __init__(self, owner: UpstreamConnections, key: _Key, dialed: Dialed, since: float) -> None:
         self.owner = owner
         self.key = key
-        self.channel = channel
-        self.uses = uses
+        #: Lent again as it is, its `uses` counted (one object per connection, not per loan).
+        self.dialed = dialed
+        self.channel = dialed.channel
         self.since = since
 
     def unsolicited(self, data: bytes) -> None:
@@ -140,8 +141,7 @@ class UpstreamConnections:
                     channel.close()
                 else:
                     stats.reused += 1
-                    mode = DialMode.TUNNEL if key[2] else DialMode.FORWARD
-                    return Dialed(channel, b"", mode, 0.0, entry.uses)
+                    return entry.dialed
         return None
 
     def closed_after_one(self, upstream_id: str) -> None:
@@ -164,14 +164,17 @@ class UpstreamConnections:
         however many times it looked (the keep-alive lane looks before its coroutine does)."""
         self.stats.missed += 1
 
-    def keep(self, upstream: Upstream, host: str, port: int, channel: Channel, uses: int) -> None:
-        """Take back a connection that carried `uses` requests and is ready for another
+    def keep(self, upstream: Upstream, host: str, port: int, dialed: Dialed) -> None:
+        """Take back a connection that carried one more request and is ready for another
         (its response ended and nothing followed it); closes it when a rule says so."""
         limits = self.limits
+        channel = dialed.channel
         if not self.enabled or channel.closed or channel.eof or channel.buffer:
             _discard(channel)
             return
-        if uses >= limits.max_uses:
+        dialed.uses += 1
+        dialed.early = b""  # sent on with the first request
+        if dialed.uses >= limits.max_uses:
             self.stats.retired += 1
             _discard(channel)
             return
@@ -179,17 +182,22 @@ class UpstreamConnections:
         stack = self._idle.get(key)
         if stack is not None and len(stack) >= limits.max_idle:
             self._evict(stack[0])
+            stack = self._idle.get(key)  # gone with its last entry
         if len(self._by_age) >= limits.max_idle_total:
             # Many upstreams, each reused seldom (a large pool in rotation): the connection
             # idle longest anywhere makes room, so kept ones never pile up without bound.
             self._evict(next(iter(self._by_age)))
+            stack = self._idle.get(key)
         loop = channel.loop
-        entry = _Idle(self, key, channel, uses, loop.time())
+        entry = _Idle(self, key, dialed, loop.time())
         channel.set_sink(entry.unsolicited, on_eof=entry.gone, on_lost=entry.gone)
         # Its last exchange may have paused it for a slow client: an idle connection must
         # hear its upstream close.
         channel.resume_reading()
-        self._idle.setdefault(key, []).append(entry)
+        if stack is None:
+            self._idle[key] = [entry]
+        else:
+            stack.append(entry)
         self._by_age[entry] = None
         self.stats.idle += 1
         self.stats.kept += 1
@@ -215,11 +223,14 @@ class UpstreamConnections:
         _discard(entry.channel)
 
     def _closed_while_kept(self, entry: _Idle) -> None:
-        one_answer_in_absolute_form = entry.uses == 1 and not entry.key[2]
-        if one_answer_in_absolute_form and (
-            entry.channel.loop.time() - entry.since <= _CLOSED_AT_ONCE
+        key = entry.key
+        # A key of its own for an upstream sent requests in absolute form: its id.
+        if (
+            isinstance(key, str)
+            and entry.dialed.uses == 1
+            and entry.channel.loop.time() - entry.since <= _CLOSED_AT_ONCE
         ):
-            self.closed_after_one(entry.key[0])
+            self.closed_after_one(key)
 
     def _evict(self, entry: _Idle) -> None:
         self._remove(entry)
@@ -264,5 +275,5 @@ def _key(upstream: Upstream, host: str, port: int, http_tunnels: bool) -> _Key:
     # `Endpoint.is_http_proxy`: this runs twice per request.
     scheme = upstream.endpoint.scheme
     if (scheme is Scheme.HTTP or scheme is Scheme.HTTPS) and not http_tunnels:
-        return (upstream.id, "", 0)
+        return upstream.id
     return (upstream.id, host, port)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.app import Gateway
-from gateway.express import REQUEST_LINE, ExpressPlans
+from gateway.context import Routed
+from gateway.express import ExpressPlans, split_request_line
+from gateway.protocols import Headers
 from tests.gateway.conftest import StartGateway
 
 USERS = '[gateway]\nlisten = ["127.0.0.1:0"]\nusers = { alice = "s3cret" }\n'
@@ -131,22 +137,72 @@ async def test_the_caches_stay_bounded(gateway: Gateway) -> None:
     assert fields not in plans
 
 
+#: The request lines the plans serve, as a pattern (groups: method, target, authority, path),
+#: to check `split_request_line` against: HTTP/1.1, a method whose bodiless requests may be sent
+#: again, an `http://name[:port]` target of RFC 3986 characters.
+SERVED_LINE = re.compile(
+    rb"(GET|OPTIONS|TRACE|PUT|DELETE) "
+    rb"([Hh][Tt][Tt][Pp]://"
+    rb"((?:[A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+\.?(?::[1-9][0-9]{0,4})?)"
+    rb"([/?][A-Za-z0-9\-._~:/?@!$&'()*+,;=%]*)?) HTTP/1\.1"
+)
+
+
+def served(express: ExpressPlans, line: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The method, authority and path the lane carries a request with this line on, or None
+    (the general path)."""
+    method_end, authority_end = split_request_line(line + b"\r\n", len(line))
+    if authority_end < 0:
+        return None
+    authority = line[method_end + 8 : authority_end]
+    if express.plan_target(authority) is None:
+        return None
+    return line[:method_end], authority, line[authority_end : len(line) - 9]
+
+
 @pytest.mark.parametrize(
-    ("line", "served"),
+    ("line", "carried"),
     [
         (b"GET http://a.example:8080/x?y=1 HTTP/1.1", True),
-        (b"DELETE HTTP://a/ HTTP/1.1", True),
+        (b"DELETE http://a/ HTTP/1.1", True),
         (b"GET http://a HTTP/1.1", True),
+        (b"GET http://a?q HTTP/1.1", True),
         (b"HEAD http://a/ HTTP/1.1", False),  # no body whatever the answer says
         (b"POST http://a/ HTTP/1.1", False),
         (b"GET http://a/ HTTP/1.0", False),
         (b"GET http://user@a/ HTTP/1.1", False),
         (b"GET http://[::1]:80/ HTTP/1.1", False),
         (b"GET https://a/ HTTP/1.1", False),
+        (b"GET HTTP://a/ HTTP/1.1", True),
         (b"GET /a HTTP/1.1", False),
         (b"GET http://a/#frag HTTP/1.1", False),
+        (b"GET http://a/b c HTTP/1.1", False),
+        (b"GET  http://a/ HTTP/1.1", False),
+        (b"GET http:// HTTP/1.1", False),
         (b"GET http://a:0/ HTTP/1.1", False),
+        (b"GET http://a:99999/ HTTP/1.1", False),
     ],
 )
-def test_the_request_lines_plans_serve(line: bytes, served: bool) -> None:
-    assert (REQUEST_LINE.fullmatch(line) is not None) is served
+def test_the_request_lines_plans_serve(gateway: Gateway, line: bytes, carried: bool) -> None:
+    assert (served(plans_of(gateway), line) is not None) is carried
+
+
+_LINE_PIECES = st.sampled_from(
+    [
+        *(b"GET ", b"PUT ", b"HEAD ", b"http://", b"hTTp://", b"HTTP/1.1", b" ", b"a", b"b."),
+        *(b":80", b":0", b"/", b"?", b"#", b"%", b"@", b"[", b"\xff", b"\t", b"x-y_z~", b"1"),
+    ]
+)
+
+
+def never_routed(headers: Headers, pool: str | None) -> Routed:
+    raise AssertionError("no header fields are planned here")
+
+
+@given(pieces=st.lists(_LINE_PIECES, max_size=12))
+def test_split_request_line_serves_what_the_pattern_matches(pieces: list[bytes]) -> None:
+    line = b"".join(pieces)
+    express = ExpressPlans(never_routed, lambda host, port: None, b"x")
+    match = SERVED_LINE.fullmatch(line)
+    expected = None if match is None else (match[1], match[3], match[4] or b"")
+    assert served(express, line) == expected
