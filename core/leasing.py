@@ -25,14 +25,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
-from core.backlog import Backlog, LeaseWrite, OutcomeWrite
+from core.backlog import LeaseWrite, OutcomeWrite
 from core.clock import Clock, SystemClock
 from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable, UpstreamNotFound
 from core.health import HealthUpdate, RecordSource, Transition
+from core.lease_desk import LeaseDesk
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
-from core.storage.interface import ImmediateLeasing, PromptLeasing, Storage
+from core.storage.interface import Storage
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
 
@@ -85,45 +86,61 @@ class LeaseManager:
         poll_interval: float = 0.05,
     ) -> None:
         self.storage = storage
-        self.clock = clock or SystemClock()
-        self.instance_id = instance_id or f"gw-{secrets.token_hex(6)}"
+        #: Leasing and giving back without awaiting, and the bookkeeping shared with it.
+        self.desk = desk = LeaseDesk(
+            storage,
+            clock or SystemClock(),
+            instance_id or f"gw-{secrets.token_hex(6)}",
+            self._storage_down,
+        )
         self.sweep_interval = sweep_interval
         #: How often a waiter re-tries on its own when other processes share the storage.
         self.poll_interval = poll_interval
-        self.double_releases = 0
         #: Leases in use here that other processes took back while the storage was out of
         #: reach for longer than its holder grace.
         self.lost_leases = 0
-        self._waiters: dict[str, deque[_Waiter]] = {}
-        # Users of each session lease right now: it expires only once idle, not while in use.
-        self._session_users: dict[str, int] = {}
-        # Session leases their session left (`unbind_session`): released by their last user.
-        self._unbound: set[str] = set()
+        # The desk's own objects, shared (never replaced): see `LeaseDesk` for each.
+        self._waiters: dict[str, deque[_Waiter]] = desk.waiters
+        self._session_users = desk.session_users
+        self._unbound = desk.unbound
+        self._on_acquire: list[LeaseCallback] = desk.on_acquire
+        self._on_release: list[LeaseCallback] = desk.on_release
+        self._releasing = desk.releasing
+        self._in_use = desk.in_use
+        self._upstreams = desk.upstreams
+        self._lost = desk.lost
+        self._backlog = desk.backlog
+        self._immediate = desk.immediate
+        self._prompt = desk.prompt
         # Pools kept from ejecting by `max_ejection_percent`, until the sweeper sees them heal.
         self._panicking: set[str] = set()
-        self._on_acquire: list[LeaseCallback] = []
-        self._on_release: list[LeaseCallback] = []
         self._sweeper: asyncio.Task[None] | None = None
         # Outcomes reported without waiting (`report_soon`), until the storage took them, and
         # successes waiting to go together (upstream, latency, when), with their timer.
         self._reports: set[asyncio.Task[None]] = set()
         self._successes: list[tuple[str, float | None, float]] = []
         self._successes_timer: asyncio.TimerHandle | None = None
-        # Releases sent without waiting (`put_back_now` on a prompt storage), until answered:
-        # each one's answer and its lease.
-        self._releasing: dict[asyncio.Future[bool], Lease] = {}
-        # Leases acquired here and not yet put back, and the upstream of every lease granted
-        # (what a traffic outcome kept for later is answered with).
-        self._in_use: dict[str, Lease] = {}
-        self._upstreams: dict[str, Upstream] = {}
-        self._lost: set[str] = set()
-        self._backlog = Backlog()
         # Monotonic: when the storage was found unavailable (None: it answers), and when a
         # sweep last went through.
         self._down_since: float | None = None
         self._last_sweep: float | None = None
-        self._immediate = _immediate(storage)
-        self._prompt = _prompt(storage)
+
+    @property
+    def clock(self) -> Clock:
+        return self.desk.clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        self.desk.clock = clock
+
+    @property
+    def instance_id(self) -> str:
+        return self.desk.instance_id
+
+    @property
+    def double_releases(self) -> int:
+        """Releases of leases already released (or expired): each changed nothing."""
+        return self.desk.double_releases
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -179,7 +196,7 @@ class LeaseManager:
         after `timeout` when everything stayed busy).
         """
         offer = True
-        if self._immediate is not None and self._may_skip_the_line(request):
+        if self._immediate is not None and self.desk.may_skip_the_line(request):
             lease = self.acquire_now(request)
             if lease is not None:
                 return lease
@@ -201,111 +218,24 @@ class LeaseManager:
         return await self._acquired(lease, time.perf_counter() - started)
 
     def acquire_now(self, request: LeaseRequest) -> Lease | None:
-        """Lease without awaiting, when the storage can and nothing else needs to happen:
-        nobody waiting in line, no callbacks, nothing kept for an unavailable storage. None
-        means nothing was leased here; `acquire` then does it all (the storage's errors are
-        raised as `acquire` raises them)."""
-        storage = self._immediate
-        if (
-            storage is None
-            or self._on_acquire
-            or self._waiters.get(request.pool)
-            or (request.session is not None and self._backlog)
-        ):
-            return None
-        lease = storage.acquire_now(request, holder=self.instance_id, now=self.clock.now())
-        if lease is not None:
-            self._hold(lease)
-            if lease.session is not None:
-                self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
-                storage.renew_now(lease, None)  # in use: no idle countdown
-        return lease
+        """`LeaseDesk.acquire_now`: a lease without awaiting, or None (`acquire` does it all)."""
+        return self.desk.acquire_now(request)
 
     def acquire_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
-        """Start leasing without awaiting, where `acquire_now` cannot but the storage can,
-        under the same conditions; the future's answer is read with `acquired_soon`, which
-        must be called. None means nothing was started: `acquire` does it all."""
-        storage = self._prompt
-        if storage is None or not self._may_skip_the_line(request):
-            return None
-        return storage.acquire_soon(request, holder=self.instance_id, now=self.clock.now())
+        """`LeaseDesk.acquire_soon`: leasing started without awaiting, or None."""
+        return self.desk.acquire_soon(request)
 
     def acquired_soon(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
-        """The lease `acquire_soon` got, or None when it got none (all busy, or the storage
-        could not decide this way): `acquire` then does it all. Raises what `acquire` raises
-        (and CancelledError when the storage was closed meanwhile)."""
-        assert self._prompt is not None
-        lease = self._prompt.acquired(request, pending)
-        if lease is not None:
-            self._hold(lease)
-        return lease
-
-    def _may_skip_the_line(self, request: LeaseRequest) -> bool:
-        """No session, nobody waiting in line for the pool, no callbacks to call."""
-        return not (
-            request.session is not None or self._on_acquire or self._waiters.get(request.pool)
-        )
+        """`LeaseDesk.acquired_soon`: the lease `acquire_soon` got, or None."""
+        return self.desk.acquired_soon(request, pending)
 
     def put_back_now(self, lease: Lease) -> bool:
-        """`put_back` without awaiting, when nothing else needs to happen (nobody waiting in
-        line for its capacity, no callbacks, nothing kept for an unavailable storage; a
-        session's lease only on a storage that leases at once). False: nothing was done;
-        `put_back` does it all."""
-        if (
-            self._on_release
-            or self._waiters.get(lease.pool)
-            or self._backlog
-            or lease.id in self._lost
-        ):
-            return False
-        storage = self._immediate
-        if lease.session is not None:
-            if storage is None:
-                return False
-            if self._last_session_user(lease):
-                if lease.id in self._unbound:
-                    self._unbound.discard(lease.id)
-                    if not storage.release_now(lease):
-                        self._released_twice(lease)
-                else:
-                    storage.renew_now(lease, self._idle_until(lease))
-            return True
-        if storage is not None:
-            self._in_use.pop(lease.id, None)
-            if not storage.release_now(lease):
-                self._released_twice(lease)
-            return True
-        pending = None if self._prompt is None else self._prompt.release_soon(lease)
-        if pending is None:
-            return False
-        self._in_use.pop(lease.id, None)
-        self._releasing[pending] = lease
-        pending.add_done_callback(self._released_soon)
-        return True
-
-    def _released_soon(self, pending: asyncio.Future[bool]) -> None:
-        lease = self._releasing.pop(pending)
-        if pending.cancelled():
-            return  # the storage closed: its sweep takes the lease back
-        error = pending.exception()
-        if isinstance(error, StorageUnavailable):
-            self._keep(LeaseWrite(lease, release=True), error)
-        elif error is not None:
-            log.warning("could not release lease %s: %s", lease.id, error)
-        elif not pending.result():
-            self._released_twice(lease)
-
-    def _released_twice(self, lease: Lease) -> None:
-        self.double_releases += 1
-        log.debug("lease %s released twice (or after it expired)", lease.id)
-
-    def _hold(self, lease: Lease) -> None:
-        """A lease granted here is in use, and its upstream known for its outcomes."""
-        self._in_use[lease.id] = lease
-        self._upstreams[lease.upstream.id] = lease.upstream
+        """`LeaseDesk.put_back_now`: given back without awaiting, or False (`put_back` does
+        it all)."""
+        return self.desk.put_back_now(lease)
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
-        self._hold(lease)
+        self.desk.hold(lease)
         if lease.session is not None:
             self._session_users[lease.id] = self._session_users.get(lease.id, 0) + 1
             if lease.id in self._backlog.leases or self._backlog.lock.locked():
@@ -333,12 +263,12 @@ class LeaseManager:
         try:
             released = await self.storage.release(lease)
         except StorageUnavailable as error:
-            self._keep(LeaseWrite(lease, release=True), error)
+            self.desk.keep(LeaseWrite(lease, release=True), error)
             return True
         if lost:  # taken back by another process: nothing was ours to release
             return False
         if not released:
-            self._released_twice(lease)
+            self.desk.released_twice(lease)
             return False
         await self._released(lease, True)
         return True
@@ -358,7 +288,7 @@ class LeaseManager:
         try:
             await self.storage.release(lease)
         except StorageUnavailable as error:
-            self._keep(LeaseWrite(lease, release=True), error)
+            self.desk.keep(LeaseWrite(lease, release=True), error)
 
     async def renew(self, lease: Lease, duration: float | None) -> bool:
         """Let a held lease live `duration` more seconds from now (None: until released)."""
@@ -370,30 +300,17 @@ class LeaseManager:
         session, whose idle countdown starts when its last user is done."""
         if lease.session is None:
             return await self.release(lease)
-        if not self._last_session_user(lease):
+        if not self.desk.last_session_user(lease):
             return True
         if lease.id in self._unbound:
             self._unbound.discard(lease.id)
             return await self.release(lease)
-        expires_at = self._idle_until(lease)
+        expires_at = self.desk.idle_until(lease)
         try:
             return await self.storage.renew(lease, expires_at)
         except StorageUnavailable as error:
-            self._keep(LeaseWrite(lease, release=False, expires_at=expires_at), error)
+            self.desk.keep(LeaseWrite(lease, release=False, expires_at=expires_at), error)
             return True
-
-    def _last_session_user(self, lease: Lease) -> bool:
-        """One user of a session's lease is done: True when it was the last one."""
-        users = self._session_users.pop(lease.id, 1) - 1
-        if users > 0:
-            self._session_users[lease.id] = users
-            return False
-        self._in_use.pop(lease.id, None)
-        return True
-
-    def _idle_until(self, lease: Lease) -> float | None:
-        """When a session's lease, now unused, ends unless used again."""
-        return None if lease.idle_ttl is None else self.clock.now() + lease.idle_ttl
 
     async def unbind_session(self, lease: Lease, *, fail: bool) -> None:
         """Part a session from `lease`, whose upstream failed: its next request binds another
@@ -721,10 +638,6 @@ class LeaseManager:
 
     # -- the storage going away and coming back -----------------------------------------------
 
-    def _keep(self, write: LeaseWrite, error: StorageUnavailable) -> None:
-        self._backlog.keep_lease(write)
-        self._storage_down(error)
-
     def _storage_down(self, error: StorageUnavailable) -> None:
         if self._down_since is not None:
             return
@@ -779,22 +692,3 @@ class LeaseManager:
                 len(lost),
                 silence,
             )
-
-
-def _prompt(storage: Storage) -> PromptLeasing | None:
-    if _offers(storage, "acquire_soon", "acquired", "release_soon"):
-        return cast(PromptLeasing, storage)
-    return None
-
-
-def _immediate(storage: Storage) -> ImmediateLeasing | None:
-    if _offers(storage, "acquire_now", "release_now"):
-        return cast(ImmediateLeasing, storage)
-    return None
-
-
-def _offers(storage: Storage, *methods: str) -> bool:
-    # Asked of the class, not the object: a wrapper that forwards attribute lookups (one that
-    # fails calls on purpose, say) must keep every call going through its awaited methods.
-    kind = type(storage)
-    return all(callable(getattr(kind, name, None)) for name in methods)

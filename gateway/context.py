@@ -19,6 +19,7 @@ from core.errors import (
     StorageUnavailable,
 )
 from core.filters import Filter
+from core.lease_desk import LeaseDesk
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
 from gateway.channel import Channel
@@ -86,6 +87,8 @@ class GatewayContext:
     connections: UpstreamConnections = field(init=False)
     #: What everyday plain requests and their answers become, decided once each.
     express: ExpressPlans = field(init=False)
+    #: The manager's desk: leasing and giving back without awaiting.
+    _desk: LeaseDesk = field(init=False)
     _allowed_destinations: set[tuple[str, int, bool]] = field(default_factory=set)
     #: Set when the gateway stops: keep-alive connections take no further requests.
     draining: bool = False
@@ -103,6 +106,7 @@ class GatewayContext:
             own_addresses=self.own_addresses,
         )
         self.via = f"1.1 {self.manager.instance_id} (proxygate)".encode()
+        self._desk = self.manager.desk
         self.retry_budget = RetryBudget(
             self.settings.retry_budget_percent, self.settings.retry_budget_min
         )
@@ -417,7 +421,7 @@ class GatewayContext:
         here is handed to `lease_and_dial` (`lease=`), or given back with `give_back_soon`
         once `begin_use` counted it."""
         try:
-            return self.manager.acquire_now(request)
+            return self._desk.acquire_now(request)
         except CoreError:
             return None  # lease_and_dial meets it again, and answers it
 
@@ -426,7 +430,7 @@ class GatewayContext:
         without awaiting, read with `leased_soon` once the future is done (which must be
         called); None when that needs the awaited path (`lease_and_dial`)."""
         try:
-            return self.manager.acquire_soon(request)
+            return self._desk.acquire_soon(request)
         except CoreError:
             return None  # lease_and_dial meets it again, and answers it
 
@@ -435,7 +439,7 @@ class GatewayContext:
         or answers what went wrong. A lease got here is used as one from `lease_now`, or
         given back with `give_back_unused`."""
         try:
-            return self.manager.acquired_soon(request, pending)
+            return self._desk.acquired_soon(request, pending)
         except (Exception, asyncio.CancelledError):
             return None  # lease_and_dial meets it again, and answers it
 
@@ -447,7 +451,7 @@ class GatewayContext:
     async def give_back(self, lease: Lease) -> None:
         """End a request's use of its lease (a session's lease stays bound to it)."""
         self.retry_budget.request_ended(lease.pool)
-        if not self.manager.put_back_now(lease):
+        if not self._desk.put_back_now(lease):
             await self.manager.put_back(lease)
 
     def give_back_soon(self, lease: Lease) -> None:
@@ -457,7 +461,7 @@ class GatewayContext:
 
     def give_back_unused(self, lease: Lease) -> None:
         """Give back, from a callback, a lease no request used (`begin_use` not called)."""
-        if self.manager.put_back_now(lease):
+        if self._desk.put_back_now(lease):
             return
         task = asyncio.get_running_loop().create_task(self.manager.put_back(lease))
         self._giving_back.add(task)
