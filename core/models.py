@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from core.endpoints import Endpoint, Scheme, parse_upstream_url
 
@@ -67,7 +67,7 @@ class Outcome(StrEnum):
         return self in _TARGET_FAULTS
 
 
-_UPSTREAM_FAULTS = frozenset(
+_UPSTREAM_FAULTS: Final = frozenset(
     {
         Outcome.CONNECT_REFUSED,
         Outcome.CONNECT_TIMEOUT,
@@ -76,7 +76,7 @@ _UPSTREAM_FAULTS = frozenset(
         Outcome.TLS_ERROR,
     }
 )
-_TARGET_FAULTS = frozenset(
+_TARGET_FAULTS: Final = frozenset(
     {Outcome.TARGET_REFUSED, Outcome.TARGET_UNREACHABLE, Outcome.TARGET_ERROR}
 )
 

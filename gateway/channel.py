@@ -16,19 +16,19 @@ import importlib
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Final, cast
 
 from gateway.errors import ChannelClosed
 
 __all__ = ["BUFFER_LIMIT", "CLOSE_GRACE", "AcceptedChannel", "Channel", "ChannelClosed"]
 
 #: Bytes a channel buffers for a reader that is not reading before it stops reading the socket.
-BUFFER_LIMIT = 256 * 1024
+BUFFER_LIMIT: Final = 256 * 1024
 #: Seconds a closing channel waits for its peer to take the bytes still buffered for it.
-CLOSE_GRACE = 30.0
+CLOSE_GRACE: Final = 30.0
 
 Sink = Callable[[bytes], None]
-_LINGER_ZERO = struct.pack("ii", 1, 0)
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
 def _transports_with_nodelay() -> frozenset[type]:
@@ -42,7 +42,7 @@ def _transports_with_nodelay() -> frozenset[type]:
     return frozenset() if tcp is None else frozenset({tcp})
 
 
-_NODELAY_BY_DEFAULT = _transports_with_nodelay()
+_NODELAY_BY_DEFAULT: Final = _transports_with_nodelay()
 
 
 class Channel(asyncio.Protocol):

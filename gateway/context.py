@@ -8,7 +8,7 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from config import GatewaySettings, HttpUpstreamMode, Users
 from core.errors import (
@@ -485,10 +485,10 @@ def _filters(country: str | None, tried: set[str]) -> Filter | None:
     return Filter(country=country, predicate=lambda upstream: upstream.id not in excluded)
 
 
-_ROUTES_KEPT = 1024
-_LOCALHOST = ipaddress.ip_address("127.0.0.1")
-_ALLOWED_DESTINATIONS_KEPT = 4096
-_NOT_IN_IP_LITERALS = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
+_ROUTES_KEPT: Final = 1024
+_LOCALHOST: Final = ipaddress.ip_address("127.0.0.1")
+_ALLOWED_DESTINATIONS_KEPT: Final = 4096
+_NOT_IN_IP_LITERALS: Final = frozenset("ghijklmnopqrstuvwxyzGHIJKLMNOPQRSTUVWXYZ-_")
 
 
 def _ip_literal(host: str) -> _IPAddress | None:

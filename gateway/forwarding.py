@@ -5,6 +5,7 @@ serves the everyday keep-alive request without one."""
 from __future__ import annotations
 
 from collections import deque
+from typing import Final
 
 from core.models import Lease
 from gateway.channel import Channel
@@ -30,11 +31,11 @@ __all__ = [
 ]
 
 #: On the first response after a session moved off a failed upstream: that upstream's id.
-REBOUND_HEADER = b"X-Proxy-Session-Rebound"
+REBOUND_HEADER: Final = b"X-Proxy-Session-Rebound"
 #: Methods whose bodiless requests may harmlessly go out twice (RFC 9110 9.2.2): only they are
 #: sent again after a failure, and only they ride a kept connection, which its upstream may be
 #: closing right now.
-REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+REPLAYABLE: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def begin_exchange(
@@ -131,4 +132,3 @@ def rebound_headers(lease: Lease) -> tuple[tuple[bytes, bytes], ...]:
     if lease.rebound_from is None or lease.uses != 1:
         return ()
     return ((REBOUND_HEADER, lease.rebound_from.encode()),)
-

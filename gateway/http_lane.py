@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 from core.models import Lease, LeaseRequest, Outcome
 from gateway.channel import Channel
@@ -54,12 +54,12 @@ from gateway.routing import Route
 
 __all__ = ["Attempt", "HttpLane", "LaneEnd"]
 
-_HEAD_END = b"\r\n\r\n"
+_HEAD_END: Final = b"\r\n\r\n"
 #: A request line `split_request_line` served: where it, its method and its authority end.
 _Line = tuple[int, int, int]
 #: Bytes of a whole response below which its head and body go out joined (one copy, one
 #: buffer) rather than as two buffers.
-_JOIN_BELOW = 16 * 1024
+_JOIN_BELOW: Final = 16 * 1024
 
 
 class LaneEnd(Enum):

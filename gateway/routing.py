@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.errors import BadRequest
 
 __all__ = ["Route", "UsernameParams", "choose_route", "parse_username"]
 
-_KEYS = frozenset({"pool", "session", "country", "sessttl"})
-_VALUE = re.compile(r"[A-Za-z0-9_.]{1,128}")
-_COUNTRY = re.compile(r"[A-Za-z]{2}")
-_MAX_SESSION_TTL = 7 * 24 * 3600.0
+_KEYS: Final = frozenset({"pool", "session", "country", "sessttl"})
+_VALUE: Final = re.compile(r"[A-Za-z0-9_.]{1,128}")
+_COUNTRY: Final = re.compile(r"[A-Za-z]{2}")
+_MAX_SESSION_TTL: Final = 7 * 24 * 3600.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,7 +94,7 @@ def choose_route(
     return Route(pool, params.account, session, country, params.session_ttl)
 
 
-_ANONYMOUS = UsernameParams("default")
+_ANONYMOUS: Final = UsernameParams("default")
 
 
 def _country(value: str | None) -> str | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Final
 
 from core.endpoints import Scheme
 from core.models import Upstream
@@ -41,11 +42,11 @@ log = logging.getLogger("proxygate.connections")
 
 #: Connections to HTTP upstreams (absolute form) that their upstream ended after one answer,
 #: before the gateway says once that `http_upstream_mode = "connect"` suits such upstreams.
-_HINT_AFTER = 100
+_HINT_AFTER: Final = 100
 #: Seconds after its answer within which a kept connection's close counts as that: an idle
 #: timeout closes connections much later, an upstream serving one request per connection at
 #: once.
-_CLOSED_AT_ONCE = 1.0
+_CLOSED_AT_ONCE: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from core import health
 from core.errors import (
@@ -41,7 +41,7 @@ from core.storage.interface import UPSTREAM_ATTRIBUTES
 
 __all__ = ["MemoryStorage"]
 
-_UNLIMITED = sys.maxsize
+_UNLIMITED: Final = sys.maxsize
 _SessionKey = tuple[str, str, str]
 # A `HealthRecord`'s fields: a tuple per result is what a hot path can afford.
 _HistoryEntry = tuple[float, Outcome, float | None, RecordSource, str | None]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway import express as express_module
 from gateway.app import Gateway
 from gateway.context import Routed
 from gateway.express import ExpressPlans, split_request_line
@@ -148,10 +150,16 @@ SERVED_LINE = re.compile(
 )
 
 
-def served(express: ExpressPlans, line: bytes) -> tuple[bytes, bytes, bytes] | None:
+#: Both ways `split_request_line` can be (the module uses one, compiled or not).
+SPLITS = [express_module._split_by_searching, express_module._split_by_scanning]
+
+
+def served(
+    express: ExpressPlans, line: bytes, split: Callable[[bytes, int], tuple[int, int]]
+) -> tuple[bytes, bytes, bytes] | None:
     """The method, authority and path the lane carries a request with this line on, or None
     (the general path)."""
-    method_end, authority_end = split_request_line(line + b"\r\n", len(line))
+    method_end, authority_end = split(line + b"\r\n", len(line))
     if authority_end < 0:
         return None
     authority = line[method_end + 8 : authority_end]
@@ -183,8 +191,15 @@ def served(express: ExpressPlans, line: bytes) -> tuple[bytes, bytes, bytes] | N
         (b"GET http://a:99999/ HTTP/1.1", False),
     ],
 )
-def test_the_request_lines_plans_serve(gateway: Gateway, line: bytes, carried: bool) -> None:
-    assert (served(plans_of(gateway), line) is not None) is carried
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_request_lines_plans_serve(
+    gateway: Gateway, line: bytes, carried: bool, split: Callable[[bytes, int], tuple[int, int]]
+) -> None:
+    assert (served(plans_of(gateway), line, split) is not None) is carried
+
+
+def test_the_module_splits_one_of_the_two_ways() -> None:
+    assert split_request_line in SPLITS
 
 
 _LINE_PIECES = st.sampled_from(
@@ -199,10 +214,13 @@ def never_routed(headers: Headers, pool: str | None) -> Routed:
     raise AssertionError("no header fields are planned here")
 
 
+@pytest.mark.parametrize("split", SPLITS)
 @given(pieces=st.lists(_LINE_PIECES, max_size=12))
-def test_split_request_line_serves_what_the_pattern_matches(pieces: list[bytes]) -> None:
+def test_split_request_line_serves_what_the_pattern_matches(
+    split: Callable[[bytes, int], tuple[int, int]], pieces: list[bytes]
+) -> None:
     line = b"".join(pieces)
     express = ExpressPlans(never_routed, lambda host, port: None, b"x")
     match = SERVED_LINE.fullmatch(line)
     expected = None if match is None else (match[1], match[3], match[4] or b"")
-    assert served(express, line) == expected
+    assert served(express, line, split) == expected
