@@ -195,7 +195,9 @@ class Consumer:
     name: str = "default"
 
 
-@dataclass(slots=True, eq=False)
+# The __init__ written out (init=False): compiled (setup.py), the one a dataclass generates
+# runs interpreted, and a lease is made for every request.
+@dataclass(slots=True, eq=False, init=False)
 class Lease:
     """The right to use one upstream until released or, if `expires_at` is set, until then."""
 
@@ -213,6 +215,32 @@ class Lease:
     uses: int = 1
     #: Set on a session's new lease when the session left a failed upstream: that one's id.
     rebound_from: str | None = None
+
+    def __init__(
+        self,
+        id: str,
+        upstream: Upstream,
+        pool: str,
+        consumer: str,
+        session: str | None,
+        acquired_at: float,
+        expires_at: float | None,
+        holder: str,
+        idle_ttl: float | None = None,
+        uses: int = 1,
+        rebound_from: str | None = None,
+    ) -> None:
+        self.id = id
+        self.upstream = upstream
+        self.pool = pool
+        self.consumer = consumer
+        self.session = session
+        self.acquired_at = acquired_at
+        self.expires_at = expires_at
+        self.holder = holder
+        self.idle_ttl = idle_ttl
+        self.uses = uses
+        self.rebound_from = rebound_from
 
     @property
     def upstream_id(self) -> str:

@@ -52,6 +52,7 @@ class Channel(asyncio.Protocol):
         "_on_lost",
         "_on_pause_writing",
         "_on_resume_writing",
+        "_paused",
         "_read_waiter",
         "_reading_paused",
         "_sink",
@@ -75,6 +76,8 @@ class Channel(asyncio.Protocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        #: Reading paused by `pause_reading` (flow control), until `resume_reading`.
+        self._paused = False
         self._sink: Sink | None = None
         self._on_eof: Callable[[], None] | None = None
         self._on_lost: Callable[[BaseException | None], None] | None = None
@@ -201,11 +204,16 @@ class Channel(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self._paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        """Read again after `pause_reading`, or after a buffer that filled up (a call made
+        for every connection kept for reuse: one that reads already costs nothing)."""
+        if (self._paused or self._reading_paused) and self.transport is not None:
+            self._paused = self._reading_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -56,12 +56,17 @@ log = logging.getLogger("proxygate.gateway")
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Leased:
     """An upstream leased and dialed for one request or tunnel."""
 
     lease: Lease
     dialed: Dialed
+
+    # Written out: compiled, a dataclass's generated __init__ runs interpreted.
+    def __init__(self, lease: Lease, dialed: Dialed) -> None:
+        self.lease = lease
+        self.dialed = dialed
 
 
 class Routed(NamedTuple):
