@@ -23,7 +23,8 @@ from core.lease_desk import LeaseDesk
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
 from gateway.channel import Channel
-from gateway.dial import Dialed, DialPolicy, dial
+from gateway.dial import DialPolicy, dial
+from gateway.dialed import Dialed
 from gateway.errors import (
     AuthRequired,
     BadRequest,

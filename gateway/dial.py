@@ -58,7 +58,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks._errors import IncompleteReadError as SocksIncompleteRead
@@ -67,6 +66,7 @@ from python_socks.async_.asyncio import Proxy
 from core.endpoints import Endpoint, Scheme
 from core.models import Outcome, Upstream
 from gateway.channel import Channel, ChannelClosed
+from gateway.dialed import Dialed, DialMode
 from gateway.errors import DestinationDenied, GatewayError, LoopDetected, UpstreamError
 from gateway.protocols import (
     HttpProtocolError,
@@ -79,27 +79,6 @@ __all__ = ["DialMode", "DialPolicy", "Dialed", "basic_credentials", "dial"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class DialMode(StrEnum):
-    #: Bytes written to the channel reach the target.
-    TUNNEL = "tunnel"
-    #: The channel talks to an HTTP proxy that expects absolute-form requests.
-    FORWARD = "forward"
-
-
-@dataclass(slots=True)
-class Dialed:
-    """A connection through an upstream, handshake done, its channel still in buffered mode."""
-
-    channel: Channel
-    #: Tunnel bytes that arrived with the handshake reply: send them on first.
-    early: bytes
-    mode: DialMode
-    #: Seconds from the start of the dial to the end of the handshake (for the health EWMA).
-    connect_latency: float
-    #: Requests the connection carried before this one (a kept connection lent again).
-    uses: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ from typing import Final
 from core.models import Lease
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
-from gateway.dial import DialMode, basic_credentials
+from gateway.dial import basic_credentials
+from gateway.dialed import DialMode
 from gateway.exchange import Exchange
 from gateway.express import host_value
 from gateway.protocols import (

@@ -31,7 +31,7 @@ from typing import Any, Final
 from core.models import Lease, LeaseRequest, Outcome
 from gateway.channel import Channel
 from gateway.context import GatewayContext, Leased
-from gateway.dial import DialMode
+from gateway.dialed import DialMode
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, ExchangeEnd
 from gateway.express import (

@@ -30,7 +30,7 @@ from typing import Final
 from core.endpoints import Scheme
 from core.models import Upstream
 from gateway.channel import Channel
-from gateway.dial import Dialed
+from gateway.dialed import Dialed
 
 __all__ = ["ConnectionStats", "KeepAliveLimits", "UpstreamConnections"]
 
