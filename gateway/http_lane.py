@@ -102,6 +102,7 @@ class HttpLane:
         "_on_response_bytes",
         "_on_side_gone",
         "_parser",
+        "_parser_at_rest",
         "_plans",
         "_sent_at",
         "_waiter",
@@ -121,6 +122,9 @@ class HttpLane:
         self._ctx = ctx
         self._client = client
         self._parser = parser
+        #: The parser was found at rest, and nobody has fed it since: requests carried on
+        #: plans never do, and asking it again costs an interpreted call per request.
+        self._parser_at_rest = False
         self._held = held
         self._listener_pool = listener_pool
         self._waiter: asyncio.Future[LaneEnd] | None = None
@@ -170,6 +174,7 @@ class HttpLane:
     async def serve(self) -> LaneEnd:
         """Serve requests until one needs the coroutine, or the connection is over."""
         client = self._client
+        self._parser_at_rest = False  # the coroutine may have fed it
         waiter = self._waiter = client.loop.create_future()
         try:
             if client.buffer:
@@ -249,6 +254,7 @@ class HttpLane:
     def _read_request(self, data: bytes) -> None:
         if self._carry_on_plans(data):
             return
+        self._parser_at_rest = False  # fed from here on
         ctx, client = self._ctx, self._client
         if _HEAD_END not in data:
             # A head still coming in: the coroutine holds it to `header_timeout`.
@@ -337,8 +343,12 @@ class HttpLane:
         parser event or exchange object; False (nothing done) for the general path."""
         ctx = self._ctx
         end = data.find(_HEAD_END)
-        if end + 4 != len(data) or self._held or ctx.draining or not self._parser.at_rest:
+        if end + 4 != len(data) or self._held or ctx.draining:
             return False
+        if not self._parser_at_rest:
+            if not self._parser.at_rest:
+                return False
+            self._parser_at_rest = True
         line_end = data.find(b"\r\n")
         if line_end > MAX_REQUEST_LINE:
             return False
@@ -391,6 +401,7 @@ class HttpLane:
 
     def _hand_over(self, data: bytes, lease: Lease | None) -> None:
         """The coroutine carries this request (planned, so it parses), with `lease` if any."""
+        self._parser_at_rest = False
         self._held.extend(self._parser.feed(data))
         self._ahead = lease
         self._end(LaneEnd.HANDOVER)
@@ -482,6 +493,7 @@ class HttpLane:
     def _take_over(self, upstream_data: bytes = b"") -> Exchange:
         """Hand the request carried on plans to a general exchange, which goes on from where
         it stands: its head went up, nothing came down yet (`upstream_data` aside)."""
+        self._parser_at_rest = False
         carrying, self._carrying = self._carrying, None
         assert carrying is not None
         data, plan, _, leased = carrying

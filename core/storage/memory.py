@@ -101,8 +101,10 @@ class MemoryStorage:
         # Expiry queue: (expires_at, lease id); `_queued_at` marks the entry that is current.
         self._expiry: list[tuple[float, str]] = []
         self._queued_at: dict[str, float] = {}
-        self._lease_ids = itertools.count(1)
-        self._ticks = itertools.count(1)
+        # Counters as plain ints, not itertools.count: compiled, `+= 1` is an instruction
+        # and next() a call through the interpreter's machinery, twice per lease.
+        self._last_lease_id = 0
+        self._last_tick = 0
         self._seqs = itertools.count(1)
 
     async def open(self) -> None:
@@ -433,7 +435,8 @@ class MemoryStorage:
         expires_at: float | None,
     ) -> Lease:
         slot.active += 1
-        slot.last_leased = next(self._ticks)
+        self._last_tick += 1
+        slot.last_leased = self._last_tick
         state.leases_held += 1
         state.total_leases += 1
         if slot.active == 1:
@@ -444,7 +447,7 @@ class MemoryStorage:
             for index in state.indexes.values():
                 index.on_load(slot)
         lease = Lease(
-            f"lease-{next(self._lease_ids)}",
+            self._next_lease_id(),
             slot.upstream,
             state.pool.name,
             request.consumer,
@@ -457,6 +460,10 @@ class MemoryStorage:
         if expires_at is not None:
             self._queue_expiry(lease.id, expires_at)
         return lease
+
+    def _next_lease_id(self) -> str:
+        self._last_lease_id += 1
+        return "lease-" + str(self._last_lease_id)
 
     def _acquire_session(
         self, state: _PoolState, request: LeaseRequest, holder: str, now: float
