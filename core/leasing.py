@@ -12,6 +12,10 @@ took longer than the storage's `holder_grace`, other processes may have judged t
 taken its leases back: the sweep then re-validates the leases in use here, forgets those that
 are gone (their connections go on; their upstreams may carry more than `max_concurrency` until
 they end) and counts them in `lost_leases`.
+
+What leasing and giving back do without awaiting (on every plain HTTP request the gateway
+carries from its callbacks) lives at the manager's desk (`core.lease_desk`), compiled with the
+request path; the manager does everything that awaits, on the desk's bookkeeping.
 """
 
 from __future__ import annotations
