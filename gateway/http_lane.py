@@ -368,7 +368,7 @@ class HttpLane:
         )
         if plan is None or not ctx.connections.enabled:
             return False
-        authority = data[method_end + 8 : authority_end]
+        authority = data[method_end + 8 : authority_end]  # after " http://"
         target = express.targets.get(authority) or express.plan_target(authority)
         if target is None:
             return False
@@ -430,7 +430,7 @@ class HttpLane:
         if forward:
             start = data[: line_end + 2]  # absolute-form, HTTP/1.1: the line as it came
         else:
-            path = data[authority_end : line_end - 9] or b"/"
+            path = data[authority_end : line_end - 9] or b"/"  # before " HTTP/1.1"
             if path[0] != 0x2F:  # "/": a bare "?query" gets one
                 path = b"/" + path
             start = data[:method_end] + b" " + path + b" HTTP/1.1\r\n"
