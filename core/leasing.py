@@ -114,8 +114,6 @@ class LeaseManager:
         self._upstreams = desk.upstreams
         self._lost = desk.lost
         self._backlog = desk.backlog
-        self._immediate = desk.immediate
-        self._prompt = desk.prompt
         # Pools kept from ejecting by `max_ejection_percent`, until the sweeper sees them heal.
         self._panicking: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -200,7 +198,7 @@ class LeaseManager:
         after `timeout` when everything stayed busy).
         """
         offer = True
-        if self._immediate is not None and self.desk.may_skip_the_line(request):
+        if self.desk.immediate is not None and self.desk.may_skip_the_line(request):
             lease = self.acquire_now(request)
             if lease is not None:
                 return lease
@@ -384,7 +382,7 @@ class LeaseManager:
         task of its own, a success's up to `SUCCESS_LINGER` later together with the others
         reported meanwhile (`close()` waits for those still on their way); memory's is done
         at once, which costs less than a task."""
-        if self._immediate:
+        if self.desk.immediate:
             await self._report_quietly(upstream_id, outcome, latency, None)
             return
         if outcome is not Outcome.OK:
