@@ -82,7 +82,10 @@ class Backlog:
         """Write everything kept, oldest first; how many were written. The first failure is
         raised (StorageUnavailable, most likely) with it and all after it still kept."""
         done = 0
-        async with self.lock:
+        # Not `async with`: compiled, a suspension in its exit (which runs as an exception
+        # handler) would see other tasks' exceptions (see tests/test_compiled.py).
+        await self.lock.acquire()
+        try:
             while self.leases:
                 write = next(iter(self.leases.values()))
                 if write.release:
@@ -113,4 +116,6 @@ class Backlog:
                 done += 1
                 if update is not None:
                     recorded(update)
+        finally:
+            self.lock.release()
         return done

@@ -288,11 +288,13 @@ class GatewayContext:
                 if not exc.retryable:
                     raise
                 last_error = exc
-                if attempt == 0:
-                    retries = (await self._pool(route.pool)).retries
             finally:
                 if attempt:
                     budget.retry_ended(route.pool)
+            # After the handler, not in it: compiled code must not await inside one (see
+            # tests/test_compiled.py).
+            if attempt == 0:
+                retries = (await self._pool(route.pool)).retries
             attempt += 1
             if attempt > retries:
                 raise last_error
@@ -337,27 +339,42 @@ class GatewayContext:
                 policy=self.policy,
                 via=self.via,
             )
-        except UpstreamError as exc:
-            upstream_id = lease.upstream.id
-            tried.add(upstream_id)
-            # Not `finally`: compiled, an await there re-raises the exception handled here.
-            try:
-                session_failed = await self._leave_upstream(route, lease, exc.outcome)
-            except BaseException:
-                await manager.put_back(lease)
-                raise
+        except BaseException as exc:
+            failure = exc
+        else:
+            # The request goes on at once: a success changes no routing decision of its own.
+            await manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
+            return Leased(lease, dialed)
+        # What a failed dial leaves is settled after the handler, not in it: compiled code must
+        # not await inside one (see tests/test_compiled.py).
+        raise await self._dial_failed(route, lease, tried, failure)
+
+    async def _dial_failed(
+        self, route: Route, lease: Lease, tried: set[str], failure: BaseException
+    ) -> BaseException:
+        """Give back the lease of a failed dial and report the failure; what to raise: the
+        dial's error (not retryable once it failed its session for good), or what went wrong
+        while moving the session."""
+        manager = self.manager
+        if not isinstance(failure, UpstreamError):
             await manager.put_back(lease)
-            await manager.report(upstream_id, exc.outcome, None)
-            log.info("attempt via %s failed: %s (%s)", upstream_id, exc.outcome.value, exc.details)
+            return failure
+        upstream_id = lease.upstream.id
+        tried.add(upstream_id)
+        try:
+            session_failed = await self._leave_upstream(route, lease, failure.outcome)
+        except BaseException as exc:
+            moving = exc
+        else:
+            await manager.put_back(lease)
+            await manager.report(upstream_id, failure.outcome, None)
+            outcome = failure.outcome.value
+            log.info("attempt via %s failed: %s (%s)", upstream_id, outcome, failure.details)
             if session_failed:
-                exc.retryable = False
-            raise
-        except BaseException:
-            await manager.put_back(lease)
-            raise
-        # The request goes on at once: a success changes no routing decision of its own.
-        await manager.report_soon(lease.upstream.id, Outcome.OK, dialed.connect_latency)
-        return Leased(lease, dialed)
+                failure.retryable = False
+            return failure
+        await manager.put_back(lease)
+        return moving
 
     async def _leave_upstream(self, route: Route, lease: Lease, outcome: Outcome) -> bool:
         """A session's lease whose upstream failed: the session leaves it, bound anew on the
@@ -402,7 +419,7 @@ class GatewayContext:
         the tunnel ends. The client hears success only once the upstream tunnel is up."""
         self.check_destination(host, port, tunnel=True)
         leased = await self.lease_and_dial(route, host, port, tunnel=True)
-        # Not `finally`: compiled, an await there re-raises any exception a caller is handling.
+        failure: BaseException | None = None
         try:
             if not isinstance(established, bytes):
                 established = established(leased.lease)
@@ -414,12 +431,14 @@ class GatewayContext:
                 client_early=client_early,
                 upstream_early=leased.dialed.early,
             )
-        except BaseException:
-            leased.dialed.channel.close()
-            await self.give_back(leased.lease)
-            raise
+        except BaseException as exc:
+            failure = exc
+        # Given back after the handler, not in it or in a `finally`: compiled code must not
+        # await inside either (see tests/test_compiled.py).
         leased.dialed.channel.close()
         await self.give_back(leased.lease)
+        if failure is not None:
+            raise failure
 
     def lease_now(self, request: LeaseRequest) -> Lease | None:
         """For a plain HTTP request: a lease got without awaiting, or None when that needs

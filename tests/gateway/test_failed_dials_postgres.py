@@ -1,0 +1,92 @@
+"""Failed dials whose lease goes back to PostgreSQL, in `proxygate run --workers 2`: the
+reproduction of the compiled build's crash.
+
+Giving back and reporting a failed dial's lease wait for PostgreSQL, so the coroutine that
+handles the failure is suspended there while other tasks run. Compiled with mypyc, a coroutine
+suspended inside an `except` block resumed with whatever exception another task was handling,
+or none: its bare `raise` then raised None, which corrupted memory and killed the worker with
+SIGSEGV within seconds of the first failed attempt (3 runs in 7), or left a task that never
+finished. With memory storage nothing there waits, so only SQL storage showed it. The rule
+that prevents it is checked over every compiled module in tests/test_compiled.py; this is the
+whole scenario, through real processes and sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from core.storage.sql import upgrade
+from tests.conftest import skip_or_fail
+from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
+from tests.support.fake_upstreams import FakeSocks5Proxy
+from tests.support.gateway_process import GatewayProcess, all_gone, run_gateway
+from tests.support.net import closed_port
+from tests.support.origin import Origin
+
+#: Keep-alive clients at once, and requests each sends.
+CLIENTS = 4
+REQUESTS = 15
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    if reason := await postgres_unavailable():
+        skip_or_fail(reason)
+    schema = await make_schema("pgdials")
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    try:
+        await upgrade(url)
+        yield url
+    finally:
+        await drop_schema(schema)
+
+
+def config(storage_url: str, proxies: list[str], port: int, admin_port: int) -> str:
+    listed = ", ".join(f'"{proxy}"' for proxy in proxies)
+    return (
+        f'[gateway]\nlisten = ["127.0.0.1:{port}"]\nconnect_timeout = 2.0\n'
+        f'drain_timeout = 5.0\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        f'[checks]\nenabled = false\n[storage]\nurl = "{storage_url}"\n'
+        f'[[pools]]\nname = "default"\nproxies = [{listed}]\nretries = 3\n'
+    )
+
+
+async def keep_alive_client(gateway: GatewayProcess, origin: Origin) -> list[int]:
+    """REQUESTS GETs over one kept client connection; their statuses."""
+    connector = aiohttp.TCPConnector(limit=1)
+    statuses = []
+    async with aiohttp.ClientSession(connector=connector) as client:
+        for _ in range(REQUESTS):
+            async with client.get(origin.url_for("/bytes/16"), proxy=gateway.proxy_url) as response:
+                await response.read()
+                statuses.append(response.status)
+    return statuses
+
+
+async def test_failed_dials_over_postgresql_crash_no_worker(
+    tmp_path: Path, postgres_url: str, origin: Origin, fake_socks5_proxy: FakeSocks5Proxy
+) -> None:
+    # Round robin over a live upstream and two where nothing listens: about two first
+    # attempts in three fail (until the dead ones are ejected), and are retried on the live one.
+    proxies = [fake_socks5_proxy.url, *(f"socks5://127.0.0.1:{closed_port()}" for _ in "ab")]
+    async with run_gateway(
+        tmp_path, lambda port, admin: config(postgres_url, proxies, port, admin), workers=2
+    ) as gateway:
+        pids = await gateway.serving()
+        clients = (keep_alive_client(gateway, origin) for _ in range(CLIENTS))
+        results = await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), 60)
+        log = gateway.text()
+        assert results == [[200] * REQUESTS] * CLIENTS, log
+        assert "failed: connect_refused" in log  # the failure path ran
+        gateway.process.send_signal(signal.SIGTERM)
+        assert await gateway.exit_code() == 0, log
+        assert await all_gone(pids)
+        log = gateway.text()
+        for sign in ("Fatal Python error", "exited with", "Traceback", "Exception in callback"):
+            assert sign not in log, log
