@@ -488,7 +488,9 @@ class GatewayContext:
         """Give back, from a callback, a lease no request used (`begin_use` not called)."""
         if self._desk.put_back_now(lease):
             return
-        task = asyncio.get_running_loop().create_task(self.manager.put_back(lease))
+        task = asyncio.get_running_loop().create_task(
+            self.manager.put_back(lease), name="give-back"
+        )
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
 

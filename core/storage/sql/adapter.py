@@ -230,7 +230,9 @@ class SQLStorage:
             # The fast path could not decide (unknown pool, pool settings changed, nothing
             # free): the full transaction decides, and explains an empty pool.
         # Shielded: a caller cancelled mid-transaction must not leave a lease nobody holds.
-        task = asyncio.ensure_future(self._acquire(request, holder, now))
+        task = asyncio.get_running_loop().create_task(
+            self._acquire(request, holder, now), name="sql-acquire"
+        )
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -47,6 +47,8 @@ class Lanes:
         self._free = asyncio.Semaphore(size)
         self._idle: list[_Lane] = []
         self._closed = False
+        #: Lanes given back after `close`, closing in tasks of their own (awaited by `close`).
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def fetchrow(self, sql: str, args: list[Any]) -> Any:
         """Run one statement; its first row (None if it returned none)."""
@@ -73,6 +75,8 @@ class Lanes:
         idle, self._idle = self._idle, []
         for lane in idle:
             await _close(lane, invalidate=False)
+        if self._closing:
+            await asyncio.gather(*self._closing)
 
     async def _take(self) -> _Lane:
         if self._closed:
@@ -105,7 +109,11 @@ class Lanes:
     def _give_back(self, lane: _Lane) -> None:
         self._free.release()
         if self._closed:
-            asyncio.get_running_loop().create_task(_close(lane, invalidate=False))
+            task = asyncio.get_running_loop().create_task(
+                _close(lane, invalidate=False), name="sql-lane-close"
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         else:
             self._idle.append(lane)
 
