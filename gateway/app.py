@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Coroutine
 from typing import Any
@@ -36,9 +37,26 @@ from gateway.connection import open_connection
 from gateway.context import GatewayContext
 from gateway.errors import StartupError
 
-__all__ = ["Gateway", "StartupError", "describe_storage_error", "open_storage"]
+__all__ = ["Gateway", "ListenError", "StartupError", "describe_storage_error", "open_storage"]
 
 log = logging.getLogger("proxygate")
+
+
+class ListenError(StartupError):
+    """A listener cannot bind its address: `proxygate run` exits 2, as for a bad configuration
+    (the user has a setting to change, or a process to stop), where other start-up failures
+    (the storage) exit 1."""
+
+    def __init__(self, host: str, port: int, what: str, error: OSError) -> None:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # The event loop's own strerror repeats the address: "error while attempting to bind on
+        # address ('127.0.0.1', 8900): address already in use". (Name lookups' errors have
+        # negative numbers of their own, and their strerror is all there is.)
+        if error.errno is not None and error.errno > 0:
+            reason = os.strerror(error.errno)
+        else:
+            reason = error.strerror or str(error)
+        super().__init__(f"cannot listen on {address} ({what}): {reason[:1].lower()}{reason[1:]}")
 
 
 class Gateway:
@@ -96,15 +114,7 @@ class Gateway:
             self.listen_addresses.append((host, port))
         admin = self.settings.admin
         if admin.listen is not None and self._serve_admin:
-            self._admin = web.AppRunner(
-                build_admin_app(self.manager, token=admin.token, gateway_stats=self._stats),
-                access_log=None,
-            )
-            await self._admin.setup()
-            site = web.TCPSite(self._admin, admin.listen.host, admin.listen.port)
-            await site.start()
-            host, port = self._admin.addresses[-1][:2]
-            self.admin_address = (host, port)
+            await self._start_admin(admin.listen.host, admin.listen.port, admin.token)
         own = set(self.listen_addresses)
         if self.admin_address is not None:
             own.add(self.admin_address)
@@ -120,6 +130,19 @@ class Gateway:
             await server.start_serving()
         for host, port in self.listen_addresses:
             log.info("listening on %s:%d", host, port)
+
+    async def _start_admin(self, host: str, port: int, token: str | None) -> None:
+        self._admin = web.AppRunner(
+            build_admin_app(self.manager, token=token, gateway_stats=self._stats),
+            access_log=None,
+        )
+        await self._admin.setup()
+        try:
+            await web.TCPSite(self._admin, host, port).start()
+        except OSError as exc:
+            raise ListenError(host, port, "admin", exc) from None
+        bound_host, bound_port = self._admin.addresses[-1][:2]
+        self.admin_address = (bound_host, bound_port)
 
     async def _start_checks(self, context: GatewayContext) -> None:
         checks = self.settings.checks
@@ -171,7 +194,8 @@ class Gateway:
                 family=socket.AF_INET6 if ":" in host else socket.AF_INET,
             )
         except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            what = "proxy" if pool is None else f"listener for pool {pool}"
+            raise ListenError(host, port, what, exc) from None
         self._servers.append(server)
         return server
 

@@ -1,23 +1,31 @@
 """The `proxygate` command: `run` (with `--workers N`, see `gateway.workers`), `check`, and
-`db upgrade`."""
+`db upgrade`.
+
+`run` exits 0 when SIGTERM or SIGINT stopped it, after draining for up to `gateway.drain_timeout`;
+2 for a bad configuration or a listener that cannot bind its address (one line on stderr); 1
+for anything else. A stop never takes much longer than the drain: `EXIT_GRACE` seconds past it,
+a watchdog thread logs the tasks still running and ends the process, status 1, whatever the
+event loop is doing. In a single gateway a second signal while draining does so at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from config import ConfigError, Overrides, Settings, load_settings, redact_url
 from core.storage.memory import MemoryStorage
-from gateway.app import Gateway, StartupError, describe_storage_error, open_storage
+from gateway.app import Gateway, ListenError, StartupError, describe_storage_error, open_storage
 from gateway.check_command import run_check
-from gateway.workers import WorkerRole, supervise, workers_refusal
+from gateway.watchdog import StopWatchdog, describe_tasks
+from gateway.workers import EXIT_GRACE, STOP_GRACE, WorkerRole, supervise, workers_refusal
 
 __all__ = ["main"]
 
@@ -30,12 +38,15 @@ log = logging.getLogger("proxygate")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    role = None if getattr(args, "worker_of", None) is None else WorkerRole.parse(args.worker_of)
+    if role is not None and not role.die_with_parent():
+        print(f"proxygate: worker {role.index}: the parent exited before it", file=sys.stderr)
+        return 1
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except ConfigError as exc:
         print(f"proxygate: configuration error: {exc}", file=sys.stderr)
         return 2
-    role = None if getattr(args, "worker_of", None) is None else WorkerRole.parse(args.worker_of)
     _configure_logging(settings.gateway.log_level, role)
     try:
         import uvloop
@@ -48,54 +59,111 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runner(check)
     if args.command == "db":
         return runner(_upgrade_database(settings.storage.url))
+    drain = settings.gateway.drain_timeout
     if role is None and args.workers > 1:
         if refusal := workers_refusal(settings, args.workers):
             print(f"proxygate: cannot start: {refusal}", file=sys.stderr)
             return 1
-        drain = settings.gateway.drain_timeout
-        return runner(supervise(argv, args.workers, drain_timeout=drain))
+        with StopWatchdog(drain + STOP_GRACE + EXIT_GRACE) as watchdog:
+            return runner(supervise(argv, args.workers, drain_timeout=drain, on_stop=watchdog.arm))
     _raise_open_files_limit()
     try:
-        return runner(_run(settings, role))
+        with StopWatchdog(drain + EXIT_GRACE) as watchdog:
+            return runner(_run(settings, role, watchdog))
+    except ListenError as exc:
+        print(f"proxygate: cannot start: {exc}", file=sys.stderr)
+        return 2
     except StartupError as exc:
         print(f"proxygate: cannot start: {exc}", file=sys.stderr)
         return 1
 
 
-async def _run(settings: Settings, role: WorkerRole | None = None) -> int:
+async def _run(settings: Settings, role: WorkerRole | None, watchdog: StopWatchdog) -> int:
     if role is not None:
         settings = role.settings_for(settings)
     gateway = Gateway(
         settings, reuse_port=role is not None, serve_admin=role is None or role.serves_admin
     )
-    await gateway.start()
-    # What start-up built (a catalog of up to 100,000s of upstreams) lives as long as the
-    # process: out of the collector's sight, full collections stay short under load.
-    gc.collect()
-    gc.freeze()
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task[None]] = []
-
-    def request_stop(signame: str) -> None:
-        if not stopping:
-            log.info("%s received: draining for up to %gs", signame, settings.gateway.drain_timeout)
-            stopping.append(loop.create_task(gateway.stop(), name="graceful-stop"))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
-    watch: asyncio.Task[None] | None = None
-    if role is not None:
-        role.report_ready()
-        watch = loop.create_task(
-            role.watch_parent(lambda: request_stop("the parent's exit")), name="parent-watch"
-        )
-    await gateway.serve_until_stopped()
-    if watch is not None:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
+    try:
+        await gateway.start()
+        # What start-up built (a catalog of up to 100,000s of upstreams) lives as long as the
+        # process: out of the collector's sight, full collections stay short under load.
+        gc.collect()
+        gc.freeze()
+        await _serve(gateway, role, watchdog)
+        await _end_leftover_tasks()
+    finally:
+        # However the run ends, the event loop's own shutdown after it is bounded too: it
+        # cancels the tasks left, and waits for each to end.
+        watchdog.arm("the end of the run")
     log.info("stopped")
     return 0
+
+
+async def _serve(gateway: Gateway, role: WorkerRole | None, watchdog: StopWatchdog) -> None:
+    """Serve until SIGTERM or SIGINT (a worker: or its parent's exit), then drain.
+
+    Signals after the first do not wait for the drain in a single gateway: the process exits at
+    once, status 1. A worker only notes them: its parent, a terminal's Ctrl-C and a service
+    manager may each send one for the same stop, and its watchdog bounds the drain anyway.
+    """
+    loop = asyncio.get_running_loop()
+    drain = gateway.settings.gateway.drain_timeout
+    #: This function's own tasks by name, every one ended before it returns.
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    def request_stop(cause: str) -> None:
+        if "graceful-stop" in tasks:
+            if role is None:
+                watchdog.fire(f"{cause} received while draining")
+            log.info(
+                "%s received while draining: the drain goes on (until %gs after the first stop "
+                "at the latest)",
+                cause,
+                watchdog.timeout,
+            )
+            return
+        log.info("%s received: draining for up to %gs", cause, drain)
+        watchdog.arm(cause)
+        tasks["graceful-stop"] = loop.create_task(gateway.stop(), name="graceful-stop")
+
+    def on_signal(signame: str) -> None:
+        # The kernel signals a worker whose parent exited (see `WorkerRole.die_with_parent`).
+        orphaned = role is not None and not role.parent_alive()
+        request_stop("the parent's exit" if orphaned else signame)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    if role is not None:
+        role.report_ready()
+        tasks["parent-watch"] = loop.create_task(
+            role.watch_parent(lambda: request_stop("the parent's exit")), name="parent-watch"
+        )
+    try:
+        await gateway.serve_until_stopped()
+        if stopping := tasks.get("graceful-stop"):
+            await stopping  # its failure is the run's
+    finally:
+        await _end_tasks(tasks.values())
+
+
+async def _end_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until each has ended (bounded by the watchdog, should one refuse)."""
+    ending = list(tasks)
+    for task in ending:
+        task.cancel()
+    await asyncio.gather(*ending, return_exceptions=True)
+
+
+async def _end_leftover_tasks() -> None:
+    """End the tasks still running once the gateway has stopped, naming them: code that started
+    a task and did not wait for it at its own close. The event loop's shutdown would cancel them
+    all the same, without a word."""
+    current = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not current]
+    if left:
+        log.warning("still running after the stop, cancelled: %s", describe_tasks(left))
+        await _end_tasks(left)
 
 
 async def _upgrade_database(url: str) -> int:

@@ -1,6 +1,6 @@
 """The `proxygate` command: configuration errors exit 2 with one line naming the source, key and
-reason (no traceback, no password); a listener that cannot bind exits 1; a real process serves,
-and exits 0 on SIGTERM."""
+reason (no traceback, no password); a listener that cannot bind exits 2 (more in
+test_bind_failures); a real process serves, and exits 0 on SIGTERM."""
 
 from __future__ import annotations
 
@@ -121,11 +121,11 @@ def occupied_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_a_listener_that_cannot_bind_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_listener_that_cannot_bind_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with occupied_port() as port:
         code, err = run_main(["run", "--listen", f"127.0.0.1:{port}", "--admin", ""], capsys)
-    assert code == 1
-    assert f"proxygate: cannot start: cannot listen on 127.0.0.1:{port}" in err
+    assert code == 2
+    assert f"proxygate: cannot start: cannot listen on 127.0.0.1:{port} (proxy)" in err
     assert "Traceback" not in err
 
 

@@ -25,9 +25,9 @@ from core.storage.sql import upgrade
 from tests.conftest import skip_or_fail
 from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 from tests.support.fake_upstreams import FakeSocks5Proxy
-from tests.support.gateway_process import GatewayProcess, all_gone, run_gateway
 from tests.support.net import closed_port
 from tests.support.origin import Origin
+from tests.support.processes import WITHIN, Ports, all_gone, gateway_env, proxygate_run
 
 #: Keep-alive clients at once, and requests each sends.
 CLIENTS = 4
@@ -47,23 +47,23 @@ async def postgres_url() -> AsyncIterator[str]:
         await drop_schema(schema)
 
 
-def config(storage_url: str, proxies: list[str], port: int, admin_port: int) -> str:
+def config(storage_url: str, proxies: list[str], ports: Ports) -> str:
     listed = ", ".join(f'"{proxy}"' for proxy in proxies)
     return (
-        f'[gateway]\nlisten = ["127.0.0.1:{port}"]\nconnect_timeout = 2.0\n'
-        f'drain_timeout = 5.0\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        f'[gateway]\nlisten = ["127.0.0.1:{ports.proxy}"]\nconnect_timeout = 2.0\n'
+        f'drain_timeout = 5.0\n[admin]\nlisten = "127.0.0.1:{ports.admin}"\n'
         f'[checks]\nenabled = false\n[storage]\nurl = "{storage_url}"\n'
         f'[[pools]]\nname = "default"\nproxies = [{listed}]\nretries = 3\n'
     )
 
 
-async def keep_alive_client(gateway: GatewayProcess, origin: Origin) -> list[int]:
+async def keep_alive_client(proxy_url: str, origin: Origin) -> list[int]:
     """REQUESTS GETs over one kept client connection; their statuses."""
     connector = aiohttp.TCPConnector(limit=1)
     statuses = []
     async with aiohttp.ClientSession(connector=connector) as client:
         for _ in range(REQUESTS):
-            async with client.get(origin.url_for("/bytes/16"), proxy=gateway.proxy_url) as response:
+            async with client.get(origin.url_for("/bytes/16"), proxy=proxy_url) as response:
                 await response.read()
                 statuses.append(response.status)
     return statuses
@@ -75,18 +75,23 @@ async def test_failed_dials_over_postgresql_crash_no_worker(
     # Round robin over a live upstream and two where nothing listens: about two first
     # attempts in three fail (until the dead ones are ejected), and are retried on the live one.
     proxies = [fake_socks5_proxy.url, *(f"socks5://127.0.0.1:{closed_port()}" for _ in "ab")]
-    async with run_gateway(
-        tmp_path, lambda port, admin: config(postgres_url, proxies, port, admin), workers=2
+    ports = Ports.free()
+    async with proxygate_run(
+        tmp_path,
+        config(postgres_url, proxies, ports),
+        *("--workers", "2"),
+        env=gateway_env(PYTHONFAULTHANDLER="1"),  # a crash says where it happened
     ) as gateway:
-        pids = await gateway.serving()
-        clients = (keep_alive_client(gateway, origin) for _ in range(CLIENTS))
+        pids = await gateway.workers_serving()
+        proxy_url = f"http://127.0.0.1:{ports.proxy}"
+        clients = (keep_alive_client(proxy_url, origin) for _ in range(CLIENTS))
         results = await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), 60)
         log = gateway.text()
         assert results == [[200] * REQUESTS] * CLIENTS, log
         assert "failed: connect_refused" in log  # the failure path ran
         gateway.process.send_signal(signal.SIGTERM)
         assert await gateway.exit_code() == 0, log
-        assert await all_gone(pids)
+        assert await all_gone(pids, WITHIN)
         log = gateway.text()
         for sign in ("Fatal Python error", "exited with", "Traceback", "Exception in callback"):
             assert sign not in log, log

@@ -221,7 +221,7 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(
         os.kill(second, signal.SIGKILL)
         assert await running.exit_code() == 1
         assert await all_gone([first, second])
-        assert "worker 1 exited with -9: stopping the others" in running.text()
+        assert "worker 1 exited with -9 (died of SIGKILL): stopping the others" in running.text()
 
 
 async def test_workers_do_not_outlive_a_parent_killed_without_a_word(
