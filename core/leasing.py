@@ -38,6 +38,7 @@ from core.health import HealthUpdate, RecordSource, Transition
 from core.lease_desk import LeaseDesk
 from core.models import Lease, LeaseRequest, Outcome, PoolStats, Upstream
 from core.storage.interface import Storage
+from core.unanswered import UnansweredGrants
 
 __all__ = ["LeaseCallback", "LeaseEvent", "LeaseEventKind", "LeaseManager"]
 
@@ -126,6 +127,7 @@ class LeaseManager:
         # sweep last went through.
         self._down_since: float | None = None
         self._last_sweep: float | None = None
+        self._unanswered = UnansweredGrants(storage, desk.instance_id, self._known_leases)
 
     @property
     def clock(self) -> Clock:
@@ -459,6 +461,7 @@ class LeaseManager:
             self._in_use.pop(lease.id, None)
             self._backlog.forget(lease.id)
         await self._storage_answers(started)
+        await self._unanswered.sweep(time.monotonic())
         for pool in {lease.pool for lease in expired}:
             if self._waiters.get(pool):
                 await self._handoff(pool)
@@ -664,11 +667,24 @@ class LeaseManager:
         if self._down_since is not None:
             log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
+            # Anything granted until now may have lost its answer on the way.
+            self._unanswered.outage_noticed(self.clock.now())
         last = self._last_sweep
         grace: float | None = getattr(self.storage, "holder_grace", None)
         if grace is not None and last is not None and started - last > grace:
             await self._revalidate(started - last)
         self._last_sweep = started  # only now: a re-validation that failed is tried again
+
+    def _known_leases(self) -> set[str]:
+        """Every lease this process knows it holds: in use, being given back, or held ahead by
+        the storage (`leases_held_ahead`, where the storage grants ahead of requests)."""
+        known = set(self._in_use)
+        known.update(self._backlog.leases)
+        known.update(lease.id for lease in self._releasing.values())
+        held_ahead = getattr(self.storage, "leases_held_ahead", None)
+        if held_ahead is not None:
+            known.update(held_ahead())
+        return known
 
     async def _revalidate(self, silence: float) -> None:
         # Judged: leases in use before the listing; any acquired during it is ours anyway.

@@ -238,7 +238,11 @@ class SQLStorage:
         except asyncio.CancelledError:
             lease = await _settled(task)
             if lease is not None and lease.uses == 1:
-                await self.release(lease)
+                if fast is not None:
+                    # Whatever the database does meanwhile: it may be why the caller gave up.
+                    fast.give_back(lease)
+                else:
+                    await self.release(lease)
             raise
 
     def acquire_soon(
@@ -321,6 +325,10 @@ class SQLStorage:
             return expired
 
         return await self._tx(body)
+
+    def leases_held_ahead(self) -> set[str]:
+        """The ids of the leases granted ahead of requests, not handed out yet."""
+        return set() if self._fast is None else self._fast.held_ahead()
 
     async def list_leases(self, pool: str | None = None) -> list[Lease]:
         return await self._tx(lambda conn: leasing.list_leases(conn, pool))

@@ -209,6 +209,12 @@ class Stocks:
         if left:
             self._expiry = loop.call_later(self._ttl, self._expire)
 
+    def leases(self) -> Iterator[Lease]:
+        """Every lease held in a stock."""
+        for stock in self._all():
+            for lease, _ in stock.leases:
+                yield lease
+
     def _all(self) -> Iterator[Stock]:
         for stocks in self._groups.values():
             yield from stocks.values()

@@ -17,6 +17,9 @@ _GONE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+    # A connection whose last operation was cut off mid-way ("another operation is in
+    # progress"): it is discarded, and the next one has to reach the database anew.
+    asyncpg.InternalClientError,
 )
 
 

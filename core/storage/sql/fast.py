@@ -509,7 +509,7 @@ class FastPaths:
             self._release_batch, in_flight=IN_FLIGHT, max_batch=MAX_BATCH, hold=self._holding
         )
         self._linger: asyncio.TimerHandle | None = None
-        self._stocks = Stocks(self._give_back, most=lease_ahead)
+        self._stocks = Stocks(self.give_back, most=lease_ahead)
         #: Releases of leases held ahead, until they are written.
         self._giving_back: set[asyncio.Future[bool]] = set()
         #: Leases held ahead whose release failed (the database away), tried again later.
@@ -547,6 +547,10 @@ class FastPaths:
     def forget_upstream(self, upstream_id: str) -> None:
         """The upstream was ejected, changed or removed: its leases held ahead go."""
         self._stocks.give_back(lambda lease: lease.upstream.id == upstream_id)
+
+    def held_ahead(self) -> set[str]:
+        """The ids of the leases held ahead, or owed back to the database."""
+        return {lease.id for lease in (*self._stocks.leases(), *self._owed)}
 
     async def give_back_ahead(self) -> None:
         """Give back every lease held ahead and wait until the database has them (before a
@@ -758,8 +762,10 @@ class FastPaths:
         self._releaser.kick()
 
     def _disown(self, outcome: _Outcome) -> None:
+        """A lease granted to an acquire cancelled meanwhile: given back as one held ahead is,
+        tried again until the database takes it."""
         if isinstance(outcome, Lease):
-            self.release(int(outcome.id)).add_done_callback(_orphan_released)
+            self.give_back(outcome)
 
     def _stocked(self, stock: Stock, asked: asyncio.Future[_Outcome]) -> None:
         outcome = None if asked.cancelled() or asked.exception() else asked.result()
@@ -768,7 +774,9 @@ class FastPaths:
         else:
             self._stocks.missed(stock)
 
-    def _give_back(self, lease: Lease) -> None:
+    def give_back(self, lease: Lease) -> None:
+        """Release a lease nobody uses, without waiting: tried again until the database takes
+        it, however long it is unavailable (while this process runs)."""
         released = self.release(int(lease.id), linger=True)
         self._giving_back.add(released)
         released.add_done_callback(partial(self._given_back, lease))
@@ -780,7 +788,7 @@ class FastPaths:
         # Still held by this process in the database: kept and tried again, as the lease
         # manager keeps a release it could not write.
         if not self._owed:
-            log.warning("could not give back leases held ahead (trying again): %s", error)
+            log.warning("could not give back leases granted here (trying again): %s", error)
         self._owed.append(lease)
         if self._retry is None:
             loop = asyncio.get_running_loop()
@@ -790,7 +798,7 @@ class FastPaths:
         self._retry = None
         owed, self._owed = self._owed, []
         for lease in owed:
-            self._give_back(lease)
+            self.give_back(lease)
 
     async def _fetch(self, statement: Compiled, params: dict[str, Any]) -> Any:
         args = statement.args(params)
@@ -813,11 +821,6 @@ def verdict(request: LeaseRequest, outcome: _Outcome) -> Lease | Literal[False] 
     if outcome is _Verdict.NO_MATCH:
         raise NoUpstreamAvailable(request.pool, waited=0.0, reason=outcome.value)
     return False
-
-
-def _orphan_released(future: asyncio.Future[bool]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.warning("could not give back a lease granted to a cancelled acquire: %s", error)
 
 
 def _answers(lease_ids: Sequence[int], released: Sequence[int] | None) -> list[bool]:

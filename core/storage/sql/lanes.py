@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.storage.sql.errors import StorageUnavailable, is_unavailable
@@ -56,12 +57,16 @@ class Lanes:
         try:
             row = await lane.driver.fetchrow(sql, *args)
         except BaseException as error:
-            broken = isinstance(error, asyncio.CancelledError) or is_unavailable(error)
+            # An error the server reported about the statement leaves the connection as good
+            # as before; anything else (cancelled, cut off, the server going down, the driver's
+            # own state gone wrong) leaves it unusable.
+            gone = is_unavailable(error)
+            broken = gone or not isinstance(error, asyncpg.PostgresError)
             if not broken:
                 self._give_back(lane)
                 raise
             await self._discard(lane)
-            if isinstance(error, asyncio.CancelledError):
+            if not gone:
                 raise
             idle, self._idle = self._idle, []
             for stale in idle:
