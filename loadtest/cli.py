@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
         description="Load and fault harness for proxygate, on loopback, bounded in time.",
-        epilog="scenarios: " + "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values()),
+        epilog="scenarios: "
+        + "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values())
+        + "; and `crash-hunt --help`: the gateway under faults, aborts and outages",
     )
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     load = parser.add_argument_group("load")
@@ -299,6 +301,12 @@ def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["crash-hunt"]:
+        # Not a load scenario: many gateway runs judged by their processes (its own options).
+        from loadtest import crash_hunt
+
+        return crash_hunt.main(argv[1:])
     args = _parser().parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix=f"loadtest-{args.scenario}-"))
     try:
