@@ -121,6 +121,8 @@ class LeaseManager:
         # Outcomes reported without waiting (`report_soon`), until the storage took them, and
         # successes waiting to go together (upstream, latency, when), with their timer.
         self._reports: set[asyncio.Task[None]] = set()
+        # Hand-offs to waiters started from `notify` (ended at `close`).
+        self._handoffs: set[asyncio.Task[None]] = set()
         self._successes: list[tuple[str, float | None, float]] = []
         self._successes_timer: asyncio.TimerHandle | None = None
         # Monotonic: when the storage was found unavailable (None: it answers), and when a
@@ -158,6 +160,10 @@ class LeaseManager:
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+        for handoff in list(self._handoffs):
+            handoff.cancel()
+        if self._handoffs:
+            await asyncio.gather(*self._handoffs, return_exceptions=True)
         self._write_successes()
         if self._reports:
             await asyncio.gather(*self._reports)
@@ -441,7 +447,11 @@ class LeaseManager:
     def notify(self, pool: str) -> None:
         """Capacity may have appeared without a release (upstreams added or re-admitted)."""
         if self._waiters.get(pool):
-            asyncio.get_running_loop().create_task(self._handoff(pool), name=f"handoff-{pool}")
+            task = asyncio.get_running_loop().create_task(
+                self._handoff(pool), name=f"handoff-{pool}"
+            )
+            self._handoffs.add(task)
+            task.add_done_callback(self._handoffs.discard)
 
     async def sweep(self) -> list[Lease]:
         """Write what was kept while the storage was unavailable, release expired leases and

@@ -10,7 +10,10 @@ import pytest
 
 from config import load_settings
 from core.clock import Clock
+from core.storage.sql import upgrade
 from gateway.app import Gateway
+from tests.conftest import skip_or_fail
+from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 
 StartGateway = Callable[..., Awaitable[Gateway]]
 
@@ -23,6 +26,21 @@ def proxy_url(gateway: Gateway, scheme: str = "http", auth: str = "") -> str:
 async def leases_held(gateway: Gateway, *, sessions: bool = False) -> int:
     leases = await gateway.manager.storage.list_leases()
     return sum(1 for lease in leases if sessions or lease.session is None)
+
+
+@pytest.fixture
+async def postgres_schema_url() -> AsyncIterator[str]:
+    """A PostgreSQL storage URL on a schema of its own, migrated, dropped after the test (for
+    gateway processes started by the test)."""
+    if reason := await postgres_unavailable():
+        skip_or_fail(reason)
+    schema = await make_schema("pggateway")
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    try:
+        await upgrade(url)
+        yield url
+    finally:
+        await drop_schema(schema)
 
 
 @pytest.fixture

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from core.storage.sql import upgrade
-from tests.conftest import skip_or_fail
-from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 from tests.support.fake_upstreams import FakeSocks5Proxy
 from tests.support.net import closed_port
 from tests.support.origin import Origin
@@ -32,19 +27,6 @@ from tests.support.processes import WITHIN, Ports, all_gone, gateway_env, proxyg
 #: Keep-alive clients at once, and requests each sends.
 CLIENTS = 4
 REQUESTS = 15
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    if reason := await postgres_unavailable():
-        skip_or_fail(reason)
-    schema = await make_schema("pgdials")
-    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    try:
-        await upgrade(url)
-        yield url
-    finally:
-        await drop_schema(schema)
 
 
 def config(storage_url: str, proxies: list[str], ports: Ports) -> str:
@@ -70,7 +52,7 @@ async def keep_alive_client(proxy_url: str, origin: Origin) -> list[int]:
 
 
 async def test_failed_dials_over_postgresql_crash_no_worker(
-    tmp_path: Path, postgres_url: str, origin: Origin, fake_socks5_proxy: FakeSocks5Proxy
+    tmp_path: Path, postgres_schema_url: str, origin: Origin, fake_socks5_proxy: FakeSocks5Proxy
 ) -> None:
     # Round robin over a live upstream and two where nothing listens: about two first
     # attempts in three fail (until the dead ones are ejected), and are retried on the live one.
@@ -78,7 +60,7 @@ async def test_failed_dials_over_postgresql_crash_no_worker(
     ports = Ports.free()
     async with proxygate_run(
         tmp_path,
-        config(postgres_url, proxies, ports),
+        config(postgres_schema_url, proxies, ports),
         *("--workers", "2"),
         env=gateway_env(PYTHONFAULTHANDLER="1"),  # a crash says where it happened
     ) as gateway:

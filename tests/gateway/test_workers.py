@@ -19,9 +19,8 @@ import pytest
 from aiohttp import web
 
 from core.storage.sql import upgrade
-from tests.conftest import skip_or_fail
-from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 from tests.support.net import free_port
+from tests.support.processes import alive, all_gone
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -53,25 +52,6 @@ class Fleet:
 
     async def exit_code(self) -> int:
         return await asyncio.wait_for(self.process.wait(), WITHIN)
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped by whoever inherited it, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-async def all_gone(pids: list[int]) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WITHIN
-    while any(alive(pid) for pid in pids):
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 @contextlib.asynccontextmanager
@@ -110,19 +90,6 @@ async def fleet(tmp_path: Path, storage_url: str, *, workers: int = 2) -> AsyncI
         for pid in pids:  # only pids this test's parent started
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    if reason := await postgres_unavailable():
-        skip_or_fail(reason)
-    schema = await make_schema("pgworkers")
-    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    try:
-        await upgrade(url)
-        yield url
-    finally:
-        await drop_schema(schema)
 
 
 @pytest.fixture
@@ -171,10 +138,10 @@ async def counting_origin() -> AsyncIterator[CountingOrigin]:
 
 
 async def test_two_workers_share_one_port_and_one_concurrency_limit(
-    tmp_path: Path, postgres_url: str, counting_origin: CountingOrigin
+    tmp_path: Path, postgres_schema_url: str, counting_origin: CountingOrigin
 ) -> None:
     requests = 30
-    async with fleet(tmp_path, postgres_url) as running:
+    async with fleet(tmp_path, postgres_schema_url) as running:
         pids = await running.serving()
         assert len(pids) == 2
 
@@ -207,7 +174,7 @@ async def test_two_workers_share_one_port_and_one_concurrency_limit(
 
         running.process.send_signal(signal.SIGTERM)
         assert await running.exit_code() == 0, running.text()
-        assert await all_gone(pids)
+        assert await all_gone(pids, WITHIN)
         log = running.text()
         assert log.count("SIGTERM received: draining") == 2
         assert "Traceback" not in log
@@ -220,7 +187,7 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(
         first, second = await running.serving()
         os.kill(second, signal.SIGKILL)
         assert await running.exit_code() == 1
-        assert await all_gone([first, second])
+        assert await all_gone([first, second], WITHIN)
         assert "worker 1 exited with -9 (died of SIGKILL): stopping the others" in running.text()
 
 
@@ -231,7 +198,7 @@ async def test_workers_do_not_outlive_a_parent_killed_without_a_word(
         pids = await running.serving()
         running.process.send_signal(signal.SIGKILL)
         await running.exit_code()
-        assert await all_gone(pids)
+        assert await all_gone(pids, WITHIN)
         assert running.text().count("SIGTERM received") == 0
         assert running.text().count("the parent's exit received: draining") == 2
 
