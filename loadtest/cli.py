@@ -1,9 +1,10 @@
 """`python -m loadtest SCENARIO [options]` (or `proxygate-loadtest`): see loadtest/README.md.
 
 Exit status: 0 when every run finished and no lease leaked; 1 when a lease was still held
-after the drain wait, the gateway did not exit cleanly, or a run failed; 2 for bad options;
-3 when the gateway refused a configuration (the `storage` scenario with a storage it does not
-support).
+after the drain wait, the gateway did not exit cleanly, or a run failed; 2 for bad options
+(a `--compare ref:REF` that does not resolve or install included); 3 when the gateway, or
+another build of it, refused a configuration (the `storage` scenario with a storage it does
+not support, an older build a key it does not know).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest import idle, procs, report, wrk
+from loadtest import builds, idle, procs, report, wrk
 from loadtest.peers import PEERS, ensure
 from loadtest.rig import RigError
-from loadtest.runner import Options, TargetRun, pin_harness, run_scenario
+from loadtest.runner import Options, TargetRun, aggregate, pin_harness, run_scenario
 from loadtest.scenarios import SCENARIOS, Scenario, default_faults
 from loadtest.targets import TargetError
 from loadtest.toxics import ToxicError, parse_step
@@ -31,6 +32,8 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_POOL_SIZES = "10,1000,100000"
+#: Scenarios whose targets alternate in rounds on one configuration: where another build fits.
+NO_BUILDS = ("storage", "scale", "idle-tunnels")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     rig.add_argument("--no-pin", action="store_true", help="do not pin the gateway to CPU 0")
     peers = parser.add_argument_group("compare and variants")
     peers.add_argument(
-        "--compare", default="", help="comma list of pproxy, proxy.py, direct, floor"
+        "--compare",
+        default="",
+        help="comma list of pproxy, proxy.py, direct, floor, and ref:GITREF (another build of "
+        "proxygate, e.g. ref:HEAD~3, installed into a cached venv of its own)",
     )
     peers.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     peers.add_argument(
@@ -117,7 +123,13 @@ class UsageError(Exception):
 def _options(args: argparse.Namespace, workdir: Path) -> Options:
     scenario: Scenario = SCENARIOS[args.scenario]
     compare = [p.strip() for p in args.compare.split(",") if p.strip()]
-    for peer in compare:
+    try:
+        peers, refs = builds.split_compare(compare)
+    except builds.BuildError as exc:
+        raise UsageError(str(exc)) from None
+    if refs and scenario.name in NO_BUILDS:
+        raise UsageError(f"{scenario.name} takes no ref: (its runs vary one gateway's setting)")
+    for peer in peers:
         if peer not in scenario.compare:
             allowed = ", ".join(scenario.compare) or "nothing"
             raise UsageError(f"{scenario.name} can be compared with {allowed}, not {peer!r}")
@@ -276,13 +288,16 @@ def _describe(options: Options) -> str:
 def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
     code = EXIT_OK
     for run in runs:
-        if run.target != "proxygate":
+        if not builds.is_proxygate(run.target):
             continue
         if run.refused:
-            problems.append(f"proxygate refused {run.label or 'its configuration'}: {run.refused}")
+            problems.append(
+                f"{run.target} refused {run.label or 'its configuration'}: {run.refused}"
+                + _refusal_hint(run)
+            )
             code = max(code, EXIT_REFUSED)
         if run.failed:
-            name = f"proxygate {run.label}".strip()
+            name = f"{run.target} {run.label}".strip()
             problems.append(f"{name} could not run: {run.failed}")
             code = max(code, EXIT_FAILED)
         if run.leaked:
@@ -292,12 +307,20 @@ def _exit_code(runs: list[TargetRun], problems: list[str]) -> int:
             )
             code = max(code, EXIT_FAILED)
         if run.exit_code not in (0, None):
-            problems.append(f"proxygate exited with status {run.exit_code} on SIGTERM")
+            problems.append(f"{run.target} exited with status {run.exit_code} on SIGTERM")
             code = max(code, EXIT_FAILED)
         if run.problems:
             problems.extend(f"FAILED: {problem}" for problem in run.problems)
             code = max(code, EXIT_FAILED)
     return code
+
+
+def _refusal_hint(run: TargetRun) -> str:
+    """Another build reads the configuration written for this tree's gateway."""
+    if run.target == "proxygate":
+        return ""
+    why = "does not know a key of it" if "unknown" in (run.refused or "") else "refuses it"
+    return f" (the configuration is written for this tree's gateway; that build {why})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,6 +361,13 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
         print(f"loadtest: {exc}", file=sys.stderr)
         return EXIT_USAGE
     not_measured: list[str] = []
+    try:
+        options.compare, options.builds = builds.prepare_all(
+            options.compare, install=not args.no_install
+        )
+    except builds.BuildError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for peer in list(options.compare):
         if peer in PEERS:
             python, why = ensure(PEERS[peer], install=not args.no_install)
@@ -349,6 +379,10 @@ def _main(args: argparse.Namespace, workdir: Path) -> int:
     report.say(_describe(options))
     for note in not_measured:
         report.say(f"  NOT MEASURED {note}")
+    if options.builds:
+        report.say(f"  builds: proxygate = this tree ({_this_build()})")
+        for build in options.builds.values():
+            report.say(f"          {build.describe()}")
     restore = pin_harness(options.pin)
     procs.keep_freed_memory()  # this process is the load generator
     started = time.time()
@@ -414,13 +448,19 @@ def _finish(
     if scenario == "soak":
         for line in _soak_lines(runs, options.warmup):
             report.say(line)
+    # Asked to compare: the compare line, with "n/a" for a peer that could not be measured.
+    asked = [p.strip() for p in args.compare.split(",") if p.strip()]
     if options.compare:
         report.say("compared with proxygate (medians over rounds):")
-        for line in report.compare_lines(runs):
+        # A build that refused the configuration has no figures to set beside ours.
+        for line in report.compare_lines([r for r in runs if not r.refused]):
             report.say(line)
+        refused = [r.target for r in runs if r.refused and r.target in options.builds]
+        for label in dict.fromkeys(refused):
+            report.say(f"  {label}: NOT MEASURED: it refused the configuration (below)")
     problems: list[str] = []
     code = _exit_code(runs, problems)
-    leases = [r.leases for r in runs if r.target == "proxygate" and r.leases]
+    leases = [r.leases for r in runs if builds.is_proxygate(r.target) and r.leases]
     if leases:
         verdict = "FAILED" if any(lease["leaked"] for lease in leases) else "passed"
         report.say(
@@ -433,10 +473,10 @@ def _finish(
         )
     for problem in problems:
         report.say(problem)
-    # Asked to compare: the compare line, with "n/a" for a peer that could not be measured.
-    asked = [p.strip() for p in args.compare.split(",") if p.strip()]
     if scenario == "idle-tunnels":
         last = idle.summary_line(runs)
+    elif options.builds and "pproxy" not in asked:
+        last = _builds_summary(scenario, runs, next(iter(options.builds)))
     else:
         last = report.summary_line(scenario, runs, asked)
     document = {
@@ -446,8 +486,9 @@ def _finish(
         "options": {
             k: v
             for k, v in vars(options).items()
-            if k not in ("scenario", "progress", "workdir", "faults")
+            if k not in ("scenario", "progress", "workdir", "faults", "builds")
         },
+        "builds": {label: build.to_json() for label, build in options.builds.items()},
         "faults": [step.describe() for step in options.faults],
         "not_measured": not_measured,
         "runs": [run.to_json() for run in runs],
@@ -466,12 +507,38 @@ def _finish(
     return code
 
 
+def _this_build() -> str:
+    """Whether the gateway this tree runs has its request path compiled (mypyc's extensions
+    beside the sources, where the editable install imports from)."""
+    lane = Path(__file__).resolve().parents[1] / "gateway"
+    return "compiled" if any(lane.glob("http_lane.*.so")) else "pure Python"
+
+
+def _builds_summary(scenario: str, runs: list[TargetRun], label: str) -> str:
+    """The last line when another build, not pproxy, is what this tree is compared with."""
+    mine = [r for r in runs if r.target == "proxygate"]
+    theirs = [r for r in runs if r.target == label]
+    ours_cost = aggregate(mine)["cpu_per_unit"] if mine else None
+    their_cost = aggregate(theirs)["cpu_per_unit"] if theirs else None
+    unit = runs[0].unit if runs else "us/req"
+    digits = 2 if unit == "cpu-s/GB" else 1
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    ratio = f"{ours_cost / their_cost:.2f}" if ours_cost and their_cost else "n/a"
+    return (
+        f"{scenario}: proxygate {fmt(ours_cost)} {unit}, {label} {fmt(their_cost)} {unit}, "
+        f"ratio {ratio}"
+    )
+
+
 def _soak_lines(runs: list[TargetRun], warmup: float) -> list[str]:
     """RSS, fds, threads and tasks from the end of the warm-up to the end of the run."""
     out = []
     for run in runs:
         samples = run.samples
-        if run.target != "proxygate" or len(samples) < 2:
+        if not builds.is_proxygate(run.target) or len(samples) < 2:
             continue
         after = [s for s in samples if s["t"] >= warmup] or samples
         first, last = after[0], samples[-1]

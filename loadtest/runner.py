@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.builds import Build, is_proxygate
 from loadtest.client import Plan
 from loadtest.hdr import Histogram
 from loadtest.loadgen import LoadResult, LoadSpec, Progress, run_load
@@ -82,6 +83,8 @@ class Options:
     tunnels: int = 0
     #: "builtin" (`loadtest.loadgen`) or "wrk" (`loadtest.wrk`).
     loadgen: str = "builtin"
+    #: Other builds of proxygate in `compare`, by their target name ("proxygate@1fea677").
+    builds: dict[str, Build] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,13 +246,15 @@ async def drain_check(running: Running, wait: float) -> dict[str, int]:
 async def start_target(
     name: str, options: Options, rig: Rig, config: GatewayConfig, workdir: Path
 ) -> Running:
-    if name == "proxygate":
-        sizes = len(config.upstreams)
+    if is_proxygate(name):
+        build = options.builds.get(name)
         return await start_proxygate(
             config,
             workdir,
-            ready_timeout=60.0 + sizes / 1000.0,
+            ready_timeout=60.0 + len(config.upstreams) / 1000.0,
             count_tasks=options.scenario.count_tasks,
+            name=name,
+            python=None if build is None else build.python,
         )
     if name == "direct":
         return start_direct(rig.upstreams[0])
@@ -321,7 +326,7 @@ async def measure(
         run.start_sample, run.end_sample = start, running.sample() or end
         if start is not None and end is not None:
             run.cpu = end.cpu - start.cpu
-        if name == "proxygate":
+        if is_proxygate(name):
             # Sessions keep their leases until idle for sticky_ttl; the sweeper then takes them.
             wait = options.drain_wait + (config.sticky_ttl if options.sessions else 0.0)
             try:
@@ -329,8 +334,8 @@ async def measure(
             except (OSError, TargetError, TimeoutError, KeyError) as exc:
                 run.notes.append(f"could not read /api/stats after the load: {exc}")
         run.exit_code = await running.stop()
-    if name == "proxygate" and run.exit_code not in (0, None):
-        run.notes.append(f"proxygate exited with status {run.exit_code} on SIGTERM")
+    if is_proxygate(name) and run.exit_code not in (0, None):
+        run.notes.append(f"{name} exited with status {run.exit_code} on SIGTERM")
     return run
 
 

@@ -8,7 +8,8 @@ run from the harness's virtualenv (`loadtest.peers`) over the same upstreams: pp
 `-s rr`, proxy.py with its `ProxyPoolPlugin` (HTTP upstreams only). "direct" is the client
 talking to the fleet's first upstream itself: the floor of latency and throughput. "floor" is
 `loadtest.floor`, a bare byte relay to the first upstream: the floor of a Python gateway's
-CPU per request.
+CPU per request. Another build of proxygate (`--compare ref:REF`, `loadtest.builds`) runs the
+same way from its own venv's interpreter, named `proxygate@SHA7`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 LISTEN_HOST = "127.0.0.1"
+#: The task-counting wrapper, run by path when another build's interpreter runs it.
+TASKPROBE = str(Path(__file__).resolve().with_name("taskprobe.py"))
 
 
 class TargetError(RuntimeError):
@@ -199,17 +202,28 @@ async def start_proxygate(
     *,
     ready_timeout: float = 60.0,
     count_tasks: bool = False,
+    name: str = "proxygate",
+    python: Path | None = None,
 ) -> Running:
+    """This tree's gateway, or with `python` (another build's venv, `loadtest.builds`) that
+    build's, from the same configuration."""
     port, admin_port = procs.free_port(LISTEN_HOST), procs.free_port(LISTEN_HOST)
     path = write_config(config, workdir, port, admin_port)
     log = workdir / "proxygate.log"
     tasks_file = workdir / "tasks.txt" if count_tasks else None
-    program = ["gateway"] if tasks_file is None else ["loadtest.taskprobe", str(tasks_file)]
-    process = procs.spawn(
-        [sys.executable, "-m", *program, "run", "--config", str(path)], log, env=child_env()
-    )
+    if python is None:
+        command = [sys.executable, "-m"]
+        command += ["gateway"] if tasks_file is None else ["loadtest.taskprobe", str(tasks_file)]
+        env = child_env()
+    else:
+        # -P and no PYTHONPATH: neither the working directory nor this tree is on sys.path, so
+        # `gateway` is the one installed in that venv. The probe runs by path, as a script.
+        command = [str(python), "-P"]
+        command += ["-m", "gateway"] if tasks_file is None else [TASKPROBE, str(tasks_file)]
+        env = isolated_env()
+    process = procs.spawn([*command, "run", "--config", str(path)], log, env=env)
     running = Running(
-        "proxygate",
+        name,
         (LISTEN_HOST, port),
         process,
         log,
@@ -220,7 +234,7 @@ async def start_proxygate(
     while asyncio.get_running_loop().time() < deadline:
         if process.poll() is not None:
             raise GatewayRefused(
-                f"proxygate exited with status {process.returncode} at start-up: "
+                f"{name} exited with status {process.returncode} at start-up: "
                 + (running.output().strip() or "(no output)")
             )
         try:
@@ -231,7 +245,7 @@ async def start_proxygate(
         if await procs.wait_listening(process, LISTEN_HOST, port, 5.0):
             return running
     await running.stop()
-    raise TargetError(f"proxygate was not ready within {ready_timeout:g} s: {running.output()}")
+    raise TargetError(f"{name} was not ready within {ready_timeout:g} s: {running.output()}")
 
 
 def start_direct(upstream: RigUpstream) -> Running:
