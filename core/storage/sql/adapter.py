@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import IntegrityError
+from asyncpg.exceptions import DeadlockDetectedError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.backlog import OutcomeWrite
@@ -37,7 +38,7 @@ from core.storage.sql import ahead, catalog, holders, leasing, outcomes
 from core.storage.sql.batching import Batcher, Coalescer
 from core.storage.sql.engine import make_engine
 from core.storage.sql.errors import StorageUnavailable, is_unavailable
-from core.storage.sql.fast import FastPaths, verdict
+from core.storage.sql.fast import DEADLOCK_RETRIES, FastPaths, verdict
 from core.storage.sql.lanes import Lanes
 from core.storage.sql.migrate import schema_status
 from core.storage.sql.statements import Flavor
@@ -440,6 +441,25 @@ class SQLStorage:
 
 
 async def _transaction(engine: AsyncEngine, body: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """`body` in a transaction of its own, run again when PostgreSQL chose it as a deadlock's
+    victim (rolled back whole, so nothing of it stays), as the batched statements are."""
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        try:
+            return await _transaction_once(engine, body)
+        except DBAPIError as error:
+            if attempt == DEADLOCK_RETRIES or not _deadlocked(error):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _deadlocked(error: DBAPIError) -> bool:
+    cause = error.orig.__cause__ if error.orig is not None else None
+    return isinstance(error.orig, DeadlockDetectedError) or isinstance(cause, DeadlockDetectedError)
+
+
+async def _transaction_once(
+    engine: AsyncEngine, body: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
     async with engine.connect() as conn:
         await conn.begin()
         try:
