@@ -33,6 +33,9 @@ def config(storage_url: str, proxies: list[str], ports: Ports) -> str:
     listed = ", ".join(f'"{proxy}"' for proxy in proxies)
     return (
         f'[gateway]\nlisten = ["127.0.0.1:{ports.proxy}"]\nconnect_timeout = 2.0\n'
+        # Every failed attempt is retried (no retry budget to run out of), so every request
+        # must end in 200: anything else is the gateway failing, not its policy.
+        "retry_budget_percent = 100.0\nretry_budget_min = 1000\n"
         f'drain_timeout = 5.0\n[admin]\nlisten = "127.0.0.1:{ports.admin}"\n'
         f'[checks]\nenabled = false\n[storage]\nurl = "{storage_url}"\n'
         f'[[pools]]\nname = "default"\nproxies = [{listed}]\nretries = 3\n'
