@@ -27,6 +27,7 @@ from loadtest._crash_chaos import FAULT_KINDS, ChaosRelay
 from loadtest._crash_gateway import Upstreams
 from loadtest.fleet import SimUpstream
 from loadtest.origin import BuiltinOrigin
+from loadtest.rig import tinyproxy_config
 
 __all__ = ["Rig", "debian_missing"]
 
@@ -149,7 +150,7 @@ class Rig:
             port = procs.free_port()
             if name == "tinyproxy":
                 config = directory / "tinyproxy.conf"
-                config.write_text(_tinyproxy_config(port, directory))
+                config.write_text(tinyproxy_config("127.0.0.1", port, directory))
                 command, scheme = [program, "-d", "-c", str(config)], "http"
             else:
                 command, scheme = [program, "-i", "127.0.0.1", "-p", str(port)], "socks5"
@@ -158,23 +159,6 @@ class Rig:
             if not await procs.wait_listening(process, "127.0.0.1", port, 10.0):
                 raise RuntimeError(f"{name} did not start: {procs.tail(directory / f'{name}.out')}")
             self.debian_urls.append(f"{scheme}://127.0.0.1:{port}")
-
-
-def _tinyproxy_config(port: int, directory: Path) -> str:
-    return "\n".join(
-        [
-            f"Port {port}",
-            "Listen 127.0.0.1",
-            "Timeout 30",
-            "MaxClients 512",
-            "Allow 127.0.0.0/8",
-            "DisableViaHeader Yes",
-            f'LogFile "{directory / "tinyproxy.log"}"',
-            "LogLevel Error",
-            f'PidFile "{directory / "tinyproxy.pid"}"',
-            "",
-        ]
-    )
 
 
 @contextlib.asynccontextmanager

@@ -39,7 +39,7 @@ from loadtest.origin import BuiltinOrigin, NginxOrigin, OriginAddress
 from loadtest.procstat import set_affinity
 from loadtest.toxics import Toxics
 
-__all__ = ["Rig", "RigError", "RigUpstream"]
+__all__ = ["Rig", "RigError", "RigUpstream", "tinyproxy_config"]
 
 READY_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 15.0
@@ -191,7 +191,7 @@ class _DebianFleet:
             else:
                 program = _which("tinyproxy")
                 config = directory / "tinyproxy.conf"
-                config.write_text(_tinyproxy_config(host, port, directory))
+                config.write_text(tinyproxy_config(host, port, directory))
                 command = [program, "-d", "-c", str(config)]
             process = procs.spawn(command, directory / "output.txt")
             self.processes.append(process)
@@ -213,7 +213,8 @@ def _which(name: str) -> str:
     return path
 
 
-def _tinyproxy_config(host: str, port: int, directory: Path) -> str:
+def tinyproxy_config(host: str, port: int, directory: Path) -> str:
+    """tinyproxy listening on and leaving from `host`, any loopback client, no Via header."""
     return "\n".join(
         [
             f"Port {port}",
