@@ -171,7 +171,12 @@ class LeaseDesk:
     def _released_soon(self, pending: asyncio.Future[bool]) -> None:
         lease = self.releasing.pop(pending)
         if pending.cancelled():
-            return  # the storage closed: its sweep takes the lease back
+            # Its statement was cut off before it answered: kept, as for an unavailable
+            # storage, and written by the next sweep (dropped, the lease would stay held by
+            # this live process for good).
+            log.debug("release of lease %s cut off: kept for the next sweep", lease.id)
+            self.backlog.keep_lease(LeaseWrite(lease, release=True))
+            return
         error = pending.exception()
         if isinstance(error, StorageUnavailable):
             self.keep(LeaseWrite(lease, release=True), error)

@@ -129,6 +129,8 @@ class LeaseManager:
         # sweep last went through.
         self._down_since: float | None = None
         self._last_sweep: float | None = None
+        #: The storage's `contact_losses` as the last sweep that went through saw it.
+        self._contact_losses = 0
         self._unanswered = UnansweredGrants(storage, desk.instance_id, self._known_leases)
 
     @property
@@ -674,9 +676,15 @@ class LeaseManager:
     async def _storage_answers(self, started: float) -> None:
         """A sweep went through: end an outage, and after a long silence check which of the
         leases in use here are still ours."""
+        outage = self._down_since is not None
         if self._down_since is not None:
             log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
+        # A storage that counts its lost contacts tells of outages only calls that were not
+        # the manager's own met (an acquire failing on the request path, between two sweeps).
+        losses: int = getattr(self.storage, "contact_losses", 0)
+        if outage or losses != self._contact_losses:
+            self._contact_losses = losses
             # Anything granted until now may have lost its answer on the way.
             self._unanswered.outage_noticed(self.clock.now())
         last = self._last_sweep

@@ -6,11 +6,13 @@ then held in the storage by this process, whose heartbeat goes on, so no sweep e
 back, and nothing here knows of it to give it back. Its upstream carries one lease fewer for
 good.
 
-So once the storage answers again, the lease manager asks it for the leases this process
-holds that nothing here knows of (not in use, not being given back, not held ahead by the
-storage itself, not a session's, which expires by its own TTL) and that were granted before
-the outage was noticed. An answer still on its way when the first listing runs is known by the
-next one, `CONFIRM_AFTER` seconds later: only leases unknown both times are given back.
+So once the storage answers again, the lease manager looks, every `CONFIRM_AFTER` seconds,
+at the leases this process holds that were granted before the outage was noticed (not a
+session's, which expires by its own TTL). One that nothing here knows of (not in use, not being
+given back, not held ahead by the storage itself) in two looks in a row is given back: an
+answer still on its way at the first look is known by the second. The looks go on until no
+lease granted before the outage is held any more, so a lease known at one look (being given
+back, say) and lost to this process afterwards is still found.
 """
 
 from __future__ import annotations
@@ -35,35 +37,36 @@ class UnansweredGrants:
         self._storage = storage
         self._holder = holder
         self._known = known
-        #: Wall time the earliest outage not yet looked into was noticed (None: none).
+        #: Wall time the latest outage was noticed: leases granted until then are looked at
+        #: (None: no outage since every such lease was gone).
         self._before: float | None = None
-        #: The first listing: when (monotonic) and the leases it found unknown.
-        self._first: tuple[float, set[str]] | None = None
+        #: When (monotonic) the last look was, and the leases it found unknown.
+        self._last_look: float | None = None
+        self._suspects: set[str] = set()
 
     def outage_noticed(self, at: float) -> None:
-        """The storage went away at wall time `at`: grants before then may be unanswered."""
+        """The storage went away before wall time `at`: grants until then may be unanswered."""
         self._before = at if self._before is None else max(self._before, at)
 
     async def sweep(self, monotonic_now: float) -> int:
-        """Look, once the storage answers again (raises StorageUnavailable while it does not);
-        how many leases were given back."""
+        """Look, if a look is due (raises StorageUnavailable while the storage does not
+        answer); how many leases were given back."""
         before = self._before
         if before is None:
             return 0
-        unknown = await self._unknown(before)
-        first = self._first
-        if first is None:
-            self._first = (monotonic_now, set(unknown)) if unknown else None
-            if not unknown:
-                self._before = None
+        last = self._last_look
+        if last is not None and monotonic_now - last < CONFIRM_AFTER:
             return 0
-        if monotonic_now - first[0] < CONFIRM_AFTER:
-            return 0
-        orphans = [lease for lease_id, lease in unknown.items() if lease_id in first[1]]
+        held = await self._held_before(before)
+        known = self._known()
+        unknown = {lease_id for lease_id in held if lease_id not in known}
+        orphans = [held[lease_id] for lease_id in unknown & self._suspects]
         for lease in orphans:
             await self._storage.release(lease)
-        self._first = None
-        self._before = None
+        self._suspects = unknown.difference(lease.id for lease in orphans)
+        self._last_look = monotonic_now
+        if len(held) == len(orphans):  # nothing granted before the outage is held any more
+            self._before = self._last_look = None
         if orphans:
             log.warning(
                 "gave back %d leases granted here whose answers were lost when the storage "
@@ -72,15 +75,11 @@ class UnansweredGrants:
             )
         return len(orphans)
 
-    async def _unknown(self, before: float) -> dict[str, Lease]:
-        held = [
-            lease
-            for lease in await self._storage.list_leases()
-            if lease.holder == self._holder and lease.session is None
-        ]
-        known = self._known()
+    async def _held_before(self, before: float) -> dict[str, Lease]:
         return {
             lease.id: lease
-            for lease in held
-            if lease.acquired_at <= before and lease.id not in known
+            for lease in await self._storage.list_leases()
+            if lease.holder == self._holder
+            and lease.session is None
+            and lease.acquired_at <= before
         }

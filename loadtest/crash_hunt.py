@@ -81,8 +81,6 @@ class HuntOptions:
     clients: int = 12
     warmup: float = 2.0
     postgres: str = "auto"  # private, shared or auto
-    #: Take the database away mid-run (PostgreSQL restarts, SQLite lock-outs).
-    outages: bool = True
     debian: bool = True
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     say: Callable[[str], None] = print
@@ -248,7 +246,7 @@ async def _with_gateway(
         alive = await load.run(warmup, rng, disturb=False)
         baseline = await _baseline(gateway, place) if alive else None
         if alive:
-            alive = await load.run(seconds - warmup, rng, disturb=options.outages)
+            alive = await load.run(seconds - warmup, rng, disturb=True)
         _collect(rig, result)
         if alive and baseline is not None:
             await _settle(gateway, place, result, baseline)

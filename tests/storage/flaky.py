@@ -20,8 +20,10 @@ class FlakyStorage:
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.down = False
-        #: Calls refused while down, by method name.
+        #: Calls refused while down, by method name, and all told (what a SQL storage
+        #: counts as `contact_losses`).
         self.refused: dict[str, int] = {}
+        self.contact_losses = 0
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
@@ -33,6 +35,7 @@ class FlakyStorage:
         async def call(*args: Any, **kwargs: Any) -> Any:
             if self.down:
                 self.refused[name] = self.refused.get(name, 0) + 1
+                self.contact_losses += 1
                 raise StorageUnavailable("storage database unavailable: switched off by the test")
             return await method(*args, **kwargs)
 

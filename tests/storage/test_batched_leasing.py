@@ -9,6 +9,7 @@ import asyncio
 import collections
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -211,14 +212,23 @@ async def test_a_release_nobody_waits_for_waits_a_moment_for_an_acquire_to_carry
     assert await counts_in_database(storage) == [(0, 0)] * 2
 
 
-async def test_a_release_whose_statement_failed_is_kept_and_written_later(
-    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@asynccontextmanager
+async def holding_one(storage: ScratchPostgres) -> AsyncIterator[tuple[LeaseManager, Lease]]:
+    """A lease manager on the storage (which knows the pool by now) and a lease it holds;
+    on leaving, every lease must be back and none released twice."""
     await make_pool(storage, 2)
     manager = LeaseManager(storage, instance_id="gw-test", sweep_interval=3600)
     async with manager:
         await manager.put_back(await manager.acquire(LeaseRequest("p"), 5))
-        lease = await manager.acquire(LeaseRequest("p"), 5)
+        yield manager, await manager.acquire(LeaseRequest("p"), 5)
+        assert await counts_in_database(storage) == [(0, 0)] * 2
+        assert manager.double_releases == 0
+
+
+async def test_a_release_whose_statement_failed_is_kept_and_written_later(
+    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with holding_one(storage) as (manager, lease):
         fast = storage._fast
         assert fast is not None
         fetch = fast._fetch
@@ -236,8 +246,32 @@ async def test_a_release_whose_statement_failed_is_kept_and_written_later(
             await acquiring
         monkeypatch.setattr(fast, "_fetch", fetch)
         await manager.sweep()
-        assert await counts_in_database(storage) == [(0, 0)] * 2
-        assert manager.double_releases == 0
+
+
+async def test_a_release_cut_off_before_it_answered_is_kept_and_written_later(
+    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release sent without waiting whose statement ends cancelled (cut off mid-way) is kept
+    like one the storage could not take, not dropped: the lease would stay held for good."""
+    async with holding_one(storage) as (manager, lease):
+        fast = storage._fast
+        assert fast is not None
+        fetch = fast._fetch
+
+        async def cut_off(statement: Compiled, params: dict[str, Any]) -> Any:
+            if "p_pool" not in params:
+                raise asyncio.CancelledError()
+            return await fetch(statement, params)
+
+        monkeypatch.setattr(fast, "_fetch", cut_off)
+        assert manager.desk.put_back_now(lease)
+        (cut,) = manager.desk.releasing
+        with pytest.raises(asyncio.CancelledError):
+            await cut
+        await asyncio.sleep(0)  # its done callback runs
+        assert sorted(await counts_in_database(storage)) == [(0, 0), (1, 1)]  # still held
+        monkeypatch.setattr(fast, "_fetch", fetch)
+        await manager.sweep()
 
 
 def scans(plan: dict[str, Any]) -> list[tuple[str, str]]:

@@ -158,8 +158,13 @@ async def test_closing_gives_back_every_lease_held_ahead(storage: ScratchPostgre
     assert await held_in_database(storage) == 0
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [StorageUnavailable("storage database unavailable: test"), asyncio.CancelledError()],
+    ids=["unavailable", "cut-off"],
+)
 async def test_leases_held_ahead_that_could_not_go_back_are_tried_again(
-    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch
+    storage: ScratchPostgres, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
     await make_pool(storage, 4)
     await warm(storage)
@@ -171,7 +176,7 @@ async def test_leases_held_ahead_that_could_not_go_back_are_tried_again(
 
     async def releases_fail(statement: fast_paths.Compiled, params: dict[str, Any]) -> Any:
         if "p_pool" not in params:
-            raise StorageUnavailable("storage database unavailable: test")
+            raise failure
         return await fetch(statement, params)
 
     monkeypatch.setattr(fast_paths, "GIVE_BACK_RETRY", 0.2)

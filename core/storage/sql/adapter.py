@@ -95,6 +95,10 @@ class SQLStorage:
         # a break (None: out of touch now), and when it last was.
         self._in_touch_since: float | None = None
         self._last_touch = 0.0
+        #: Calls that found the database gone, all told. Whatever call it was (an acquire
+        #: whose answer was lost included), the lease manager sees this move and looks for
+        #: grants nobody here heard of (`core.unanswered`).
+        self.contact_losses = 0
         self._engine: AsyncEngine | None = None
         self._flavor = Flavor(postgres=not url.lower().startswith("sqlite"))
         self._fast: FastPaths | None = None
@@ -413,6 +417,7 @@ class SQLStorage:
 
     def _lost_touch(self) -> None:
         self._in_touch_since = None
+        self.contact_losses += 1
 
     def _forget_pool(self, name: str) -> None:
         if self._fast is not None:

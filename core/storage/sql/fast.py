@@ -783,10 +783,14 @@ class FastPaths:
 
     def _given_back(self, lease: Lease, released: asyncio.Future[bool]) -> None:
         self._giving_back.discard(released)
-        if released.cancelled() or (error := released.exception()) is None or self._closed:
+        if self._closed:
             return
-        # Still held by this process in the database: kept and tried again, as the lease
-        # manager keeps a release it could not write.
+        # Cut off before it answered (cancelled), or failed: still held by this process in
+        # the database, so kept and tried again, as the lease manager keeps a release it
+        # could not write.
+        error = "cut off" if released.cancelled() else released.exception()
+        if error is None:
+            return
         if not self._owed:
             log.warning("could not give back leases granted here (trying again): %s", error)
         self._owed.append(lease)
