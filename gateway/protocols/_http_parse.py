@@ -428,8 +428,10 @@ class _Parser(Generic[_E]):
             raise self._fail(f"malformed {self._WHAT} head")
         self._head_size = 0
         self._tail = b""
-        # llhttp is back at a message start only if it saw the whole message, i.e. no body.
-        if paused or not c.complete:
+        # llhttp is back at a message start only if it saw the whole message, i.e. no body,
+        # and the message kept the connection open: after one that did not, llhttp refuses
+        # whatever follows, which the head's own checks (fed whole) would parse.
+        if paused or not c.complete or not parser.should_keep_alive():
             self._llhttp = None
         c.version = parser.get_http_version()
         c.code = self._code(parser)
