@@ -176,8 +176,8 @@ class CheckScheduler:
         now = self.manager.clock.now()
         due: list[Upstream] = []
         seen: set[str] = set()
-        for pool in await self.manager.storage.list_pools():
-            upstreams = await self.manager.storage.list_upstreams(pool.name)
+        for pool in await self.manager.pools():
+            upstreams = await self.manager.upstreams(pool.name)
             await self._eject_outliers(pool.health, upstreams, now)
             for upstream in upstreams:
                 seen.add(upstream.id)
@@ -241,7 +241,7 @@ class CheckScheduler:
             if not health.ejection_allowed(len(members), ejected, policy):
                 break
             until = health.ejection_end(upstream.times_ejected + 1, now, policy)
-            await self.manager.storage.eject(upstream.id, until, now)
+            await self.manager.eject(upstream.id, until)
             ejected += 1
             log.warning(
                 "upstream %s ejected for %gs: its success rate is far below its pool's",

@@ -46,10 +46,9 @@ async def _stats(request: web.Request) -> web.Response:
 
 async def _pool_stats(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    now = manager.clock.now()
     pools = {}
-    for pool in await manager.storage.list_pools():
-        stats = asdict(await manager.storage.stats(pool.name, now))
+    for pool in await manager.pools():
+        stats = asdict(await manager.stats(pool.name))
         stats["waiting"] = manager.waiting(pool.name)
         pools[pool.name] = stats
     return web.json_response({"pools": pools, **request.app[GATEWAY_STATS]()})

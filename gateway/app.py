@@ -78,7 +78,6 @@ class Gateway:
         self.manager = LeaseManager(self.storage, clock=clock)
         self._reuse_port = reuse_port
         self._serve_admin = serve_admin
-        self._storage_open = False
         self.listen_addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
         self._servers: list[asyncio.Server] = []
@@ -167,7 +166,6 @@ class Gateway:
             await self.storage.open()
         except Exception as error:
             raise self._storage_failed(error) from None
-        self._storage_open = True
 
     def _storage_failed(self, error: Exception) -> Exception:
         """A clean StartupError for the database's failures; anything else as it is."""
@@ -296,25 +294,8 @@ class Gateway:
             await self._admin.cleanup()
         if self._checks is not None:
             await self._checks.close()
-        if self._storage_open:
-            await self._release_sessions()
         await self.manager.close()
         await self.storage.close()
-
-    async def _release_sessions(self) -> None:
-        """Sessions outlive their requests: give back what they still hold here too."""
-        try:
-            leases = await self.storage.list_leases()
-        except StorageUnavailable:
-            log.warning(
-                "stopping with the storage unavailable: this process's session leases are "
-                "taken back by other processes' sweeps once its heartbeat has been silent "
-                "for the holder grace"
-            )
-            return
-        for lease in leases:
-            if lease.holder == self.manager.instance_id:
-                await self.manager.release(lease)
 
 
 def open_storage(url: str) -> Storage:

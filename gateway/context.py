@@ -19,7 +19,6 @@ from core.errors import (
     StorageUnavailable,
 )
 from core.filters import Filter
-from core.lease_desk import LeaseDesk
 from core.leasing import LeaseManager
 from core.models import Lease, LeaseRequest, Outcome, Pool, StickyFailure
 from gateway.channel import Channel
@@ -75,7 +74,7 @@ class Routed(NamedTuple):
 
     fields: ForwardHeaders
     route: Route
-    #: What `lease_now` and `lease_soon` ask for (the first attempt's request).
+    #: What `take_now` asks for (the first attempt's request).
     lease_request: LeaseRequest
 
 
@@ -93,15 +92,11 @@ class GatewayContext:
     connections: UpstreamConnections = field(init=False)
     #: What everyday plain requests and their answers become, decided once each.
     express: ExpressPlans = field(init=False)
-    #: The manager's desk: leasing and giving back without awaiting.
-    _desk: LeaseDesk = field(init=False)
     _allowed_destinations: set[tuple[str, int, bool]] = field(default_factory=set)
     #: Set when the gateway stops: keep-alive connections take no further requests.
     draining: bool = False
     #: Client connections waiting between requests, closed at once when draining begins.
     idle_clients: set[Channel] = field(default_factory=set)
-    #: Leases being given back in tasks of their own (from callbacks, where that had to wait).
-    _giving_back: set[asyncio.Task[bool]] = field(default_factory=set)
     #: Routing decided before, by listener pool and header fields (see `route`).
     _routes: dict[tuple[str | None, Headers], Routed] = field(default_factory=dict)
 
@@ -112,7 +107,6 @@ class GatewayContext:
             own_addresses=self.own_addresses,
         )
         self.via = f"1.1 {self.manager.instance_id} (proxygate)".encode()
-        self._desk = self.manager.desk
         self.retry_budget = RetryBudget(
             self.settings.retry_budget_percent, self.settings.retry_budget_min
         )
@@ -249,7 +243,7 @@ class GatewayContext:
         upstreams of the pool while attempts fail before any request byte was sent and the
         pool's retry budget allows. With `reuse` (plain HTTP requests only) a kept connection
         to the leased upstream is lent when there is one. `lease`, taken for this request
-        already (`lease_now`), serves the first attempt. Every success must be followed by
+        already (`take_now`), serves the first attempt. Every success must be followed by
         `give_back`."""
         budget = self.retry_budget
         budget.request_started(route.pool)
@@ -301,7 +295,7 @@ class GatewayContext:
 
     async def _pool(self, name: str) -> Pool:
         try:
-            return await self.manager.storage.get_pool(name)
+            return await self.manager.pool(name)
         except PoolNotFound:
             raise UnknownPool(name) from None
         except StorageUnavailable:
@@ -322,7 +316,7 @@ class GatewayContext:
         manager = self.manager
         if lease is None:
             lease = await self._acquire(route, tried)
-        # Giving back (put_back, report) never fails for want of storage: the lease manager
+        # Giving back (give_back, report) never fails for want of storage: the lease manager
         # keeps what the storage cannot take yet until it answers again.
         if reuse:
             kept = self.connections.borrow(lease.upstream, host, port)
@@ -357,7 +351,7 @@ class GatewayContext:
         while moving the session."""
         manager = self.manager
         if not isinstance(failure, UpstreamError):
-            await manager.put_back(lease)
+            manager.give_back(lease)
             return failure
         upstream_id = lease.upstream.id
         tried.add(upstream_id)
@@ -366,14 +360,14 @@ class GatewayContext:
         except BaseException as exc:
             moving = exc
         else:
-            await manager.put_back(lease)
+            manager.give_back(lease)
             await manager.report(upstream_id, failure.outcome, None)
             outcome = failure.outcome.value
             log.info("attempt via %s failed: %s (%s)", upstream_id, outcome, failure.details)
             if session_failed:
                 failure.retryable = False
             return failure
-        await manager.put_back(lease)
+        manager.give_back(lease)
         return moving
 
     async def _leave_upstream(self, route: Route, lease: Lease, outcome: Outcome) -> bool:
@@ -382,7 +376,7 @@ class GatewayContext:
         if lease.session is None or not outcome.counts_against_upstream:
             return False
         try:
-            pool = await self.manager.storage.get_pool(route.pool)
+            pool = await self.manager.pool(route.pool)
             session_failed = pool.on_sticky_failure is StickyFailure.FAIL
             await self.manager.unbind_session(lease, fail=session_failed)
         except StorageUnavailable:
@@ -433,66 +427,43 @@ class GatewayContext:
             )
         except BaseException as exc:
             failure = exc
-        # Given back after the handler, not in it or in a `finally`: compiled code must not
-        # await inside either (see tests/test_compiled.py).
         leased.dialed.channel.close()
-        await self.give_back(leased.lease)
+        self.give_back(leased.lease)
         if failure is not None:
             raise failure
 
-    def lease_now(self, request: LeaseRequest) -> Lease | None:
-        """For a plain HTTP request: a lease got without awaiting, or None when that needs
-        waiting (or an answer from the storage), which `lease_and_dial` then does. A lease got
-        here is handed to `lease_and_dial` (`lease=`), or given back with `give_back_soon`
-        once `begin_use` counted it."""
+    def take_now(self, request: LeaseRequest) -> Lease | asyncio.Future[Any] | None:
+        """For a plain HTTP request: a lease got without awaiting; a future bringing one,
+        read with `taken` once done (which must be called); or None when leasing needs the
+        awaited path (`lease_and_dial`: waiting in line, or answering what went wrong). A
+        lease got here is handed to `lease_and_dial` (`lease=`), or given back with
+        `give_back` once `begin_use` counted it (`give_back_unused` if not)."""
         try:
-            return self._desk.acquire_now(request)
+            return self.manager.take_now(request)
         except CoreError:
             return None  # lease_and_dial meets it again, and answers it
 
-    def lease_soon(self, request: LeaseRequest) -> asyncio.Future[Any] | None:
-        """For a plain HTTP request `lease_now` could not serve: the lease asked of the storage
-        without awaiting, read with `leased_soon` once the future is done (which must be
-        called); None when that needs the awaited path (`lease_and_dial`)."""
+    def taken(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        """The lease a `take_now` future brought, or None: `lease_and_dial` then leases,
+        waits in line or answers what went wrong."""
         try:
-            return self._desk.acquire_soon(request)
-        except CoreError:
-            return None  # lease_and_dial meets it again, and answers it
-
-    def leased_soon(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
-        """The lease `lease_soon` got, or None: `lease_and_dial` then leases, waits in line
-        or answers what went wrong. A lease got here is used as one from `lease_now`, or
-        given back with `give_back_unused`."""
-        try:
-            return self._desk.acquired_soon(request, pending)
+            return self.manager.taken(request, pending)
         except (Exception, asyncio.CancelledError):
             return None  # lease_and_dial meets it again, and answers it
 
     def begin_use(self, pool: str) -> None:
-        """A request started using a lease from `lease_now` itself (`lease_and_dial` counts
+        """A request started using a lease from `take_now` itself (`lease_and_dial` counts
         its own)."""
         self.retry_budget.request_started(pool)
 
-    async def give_back(self, lease: Lease) -> None:
+    def give_back(self, lease: Lease) -> None:
         """End a request's use of its lease (a session's lease stays bound to it)."""
         self.retry_budget.request_ended(lease.pool)
-        if not self._desk.put_back_now(lease):
-            await self.manager.put_back(lease)
-
-    def give_back_soon(self, lease: Lease) -> None:
-        """`give_back` from a callback: done at once where leasing allows it."""
-        self.retry_budget.request_ended(lease.pool)
-        self.give_back_unused(lease)
+        self.manager.give_back(lease)
 
     def give_back_unused(self, lease: Lease) -> None:
-        """Give back, from a callback, a lease no request used (`begin_use` not called)."""
-        if self._desk.put_back_now(lease):
-            return
-        task = asyncio.get_running_loop().create_task(
-            self.manager.put_back(lease), name="give-back"
-        )
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        """Give back a lease no request used (`begin_use` not called)."""
+        self.manager.give_back(lease)
 
 
 def _lease_request(route: Route, tried: set[str]) -> LeaseRequest:

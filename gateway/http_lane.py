@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from core.models import Lease, LeaseRequest, Outcome
 from gateway.channel import Channel
@@ -289,23 +289,21 @@ class HttpLane:
         if not ctx.connections.enabled:
             self._end(LaneEnd.HANDOVER)
             return
-        lease = ctx.lease_now(request)
-        if lease is None:
-            pending = ctx.lease_soon(request)
-            if pending is None:
-                self._end(LaneEnd.HANDOVER)
-                return
+        taken = ctx.take_now(request)
+        if taken is None:
+            self._end(LaneEnd.HANDOVER)
+        elif type(taken) is Lease:
+            self._carry(head, fields, route, taken)
+        else:
             self._leasing = (head, fields, route, request)
-            pending.add_done_callback(self._on_leased)
-            return
-        self._carry(head, fields, route, lease)
+            cast("asyncio.Future[Any]", taken).add_done_callback(self._on_leased)
 
     def _on_leased(self, pending: asyncio.Future[Any]) -> None:
         leasing, self._leasing = self._leasing, None
         assert leasing is not None
         head, fields, route, request = leasing
         ctx = self._ctx
-        lease = ctx.leased_soon(request, pending)
+        lease = ctx.taken(request, pending)
         if lease is None:
             self._end(LaneEnd.HANDOVER)  # the coroutine leases, and waits or answers
         elif self._client.closed or self._unowned():
@@ -372,15 +370,14 @@ class HttpLane:
         target = express.targets.get(authority) or express.plan_target(authority)
         if target is None:
             return False
-        lease = ctx.lease_now(plan.request)
-        if lease is not None:
-            self._send_on_plans(data, line, plan, target, lease)
-            return True
-        pending = ctx.lease_soon(plan.request)
-        if pending is None:
+        taken = ctx.take_now(plan.request)
+        if taken is None:
             return False  # waiting in line, or an error to answer: the general path
+        if type(taken) is Lease:
+            self._send_on_plans(data, line, plan, target, taken)
+            return True
         self._leasing_on_plans = (data, line, plan, target)
-        pending.add_done_callback(self._leased_on_plans)
+        cast("asyncio.Future[Any]", taken).add_done_callback(self._leased_on_plans)
         return True
 
     def _leased_on_plans(self, pending: asyncio.Future[Any]) -> None:
@@ -388,7 +385,7 @@ class HttpLane:
         assert leasing is not None
         data, line, plan, target = leasing
         ctx = self._ctx
-        lease = ctx.leased_soon(plan.request, pending)
+        lease = ctx.taken(plan.request, pending)
         if lease is None:
             self._hand_over(data, None)  # the coroutine leases, and waits or answers
         elif self._client.closed or self._unowned():
@@ -476,7 +473,7 @@ class HttpLane:
         else:
             upstream.set_sink(None)
             upstream.close()
-        ctx.give_back_soon(lease)
+        ctx.give_back(lease)
         if ctx.draining or not request.keep_alive:
             self._end(LaneEnd.CLOSE)
         else:
@@ -517,7 +514,7 @@ class HttpLane:
         head, fields, route, leased = busy
         ctx = self._ctx
         end_attempt(ctx, head, leased, exchange)
-        ctx.give_back_soon(leased.lease)
+        ctx.give_back(leased.lease)
         if exchange.end is not ExchangeEnd.DONE or exchange.outcome is not Outcome.OK:
             self._attempt = Attempt(head, fields, route, leased, exchange)
             self._end(LaneEnd.HANDOVER)

@@ -175,7 +175,7 @@ async def _forward(
             ctx.check_destination(head.host, head.port, tunnel=False)
         except GatewayError:
             if lease is not None:  # routed alike by the lane, so not expected; never leaked
-                await ctx.manager.put_back(lease)
+                ctx.give_back_unused(lease)
             raise
     host, port = head.host, head.port
     has_body = head.chunked or bool(head.content_length)
@@ -320,7 +320,7 @@ async def _carry(
         end = await exchange.run()
     finally:
         end_attempt(ctx, head, leased, exchange)
-        await ctx.give_back(leased.lease)
+        ctx.give_back(leased.lease)
     return end, exchange
 
 

@@ -335,7 +335,7 @@ async def drift_run(pairs: int, chunks: int) -> dict[str, Any]:
     chunk = pairs // chunks
     timings = [await sequential(manager, request, chunk) for _ in range(chunks)]
     gc.collect()
-    stats = await manager.storage.stats(POOL, time.time())
+    stats = await manager.stats(POOL)
     rates = [chunk / t.wall for t in timings]
     cpu_rates = [chunk / t.cpu for t in timings]
     return {

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from core.health import HealthRecord, HealthUpdate, RecordSource
 from core.models import Lease, LeaseRequest, Outcome, Pool, PoolStats, Upstream
 
-__all__ = ["UPSTREAM_ATTRIBUTES", "ImmediateLeasing", "PromptLeasing", "Storage"]
+__all__ = ["UPSTREAM_ATTRIBUTES", "NowaitLeasing", "Storage"]
 
 #: What `update_upstream` may change; the endpoint and the health fields are not among them.
 UPSTREAM_ATTRIBUTES = frozenset(
@@ -33,45 +33,34 @@ UPSTREAM_ATTRIBUTES = frozenset(
 )
 
 
-class ImmediateLeasing(Protocol):
-    """A storage in this process's memory can lease and release without awaiting: the lease
-    manager then spares the request path a coroutine chain per lease."""
+class NowaitLeasing(Protocol):
+    """Leasing and giving back without awaiting, where a storage can: at once (one in this
+    process's memory), or by a statement sent for many callers together, whose answer a
+    future brings (read with `acquired`). The lease manager then spares the request path a
+    coroutine chain per lease. None always means: nothing done, the awaited call decides."""
 
-    def acquire_now(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
-        """What `acquire` does, done before returning."""
-        ...
-
-    def release_now(self, lease: Lease) -> bool:
-        """What `release` does, done before returning."""
-        ...
-
-    def renew_now(self, lease: Lease, expires_at: float | None) -> bool:
-        """What `renew` does, done before returning."""
-        ...
-
-
-class PromptLeasing(Protocol):
-    """A storage whose leases come from statements sent for many callers at once can start an
-    acquire without a coroutine: the lease manager then spares the request path a task and a
-    coroutine chain per lease. The answer is read from the future with `acquired`."""
-
-    def acquire_soon(
+    def acquire_nowait(
         self, request: LeaseRequest, *, holder: str, now: float
-    ) -> asyncio.Future[Any] | None:
-        """`acquire` started; None when this one must be awaited (`acquire`). A lease granted
-        after the future was cancelled is given back by the storage; a future answered must
-        be read with `acquired`, and its lease used or released."""
+    ) -> Lease | asyncio.Future[Any] | None:
+        """`acquire` done (the lease), started (a future: a lease granted after it was
+        cancelled is given back by the storage, and an answered one must be read with
+        `acquired`, its lease used or released), or not done (None: all busy, or a request
+        this way cannot serve). Raises what `acquire` raises. A session's lease granted at
+        once can be renewed at once (`renew_nowait`)."""
         ...
 
     def acquired(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
-        """The lease an `acquire_soon` got, or None when it got none: all busy, or the storage
-        could not decide this way (`acquire` decides, and waits). Raises what `acquire`
-        raises."""
+        """The lease an `acquire_nowait` future brought, or None when it brought none: all
+        busy, or the storage could not decide this way. Raises what `acquire` raises."""
         ...
 
-    def release_soon(self, lease: Lease) -> asyncio.Future[bool] | None:
-        """`release` started, and done whether or not anyone waits for its answer; None when
-        this one must be awaited (`release`)."""
+    def release_nowait(self, lease: Lease) -> bool | asyncio.Future[bool] | None:
+        """`release` done (whether the lease was held), started (done whether or not anyone
+        waits for its answer), or not done (None)."""
+        ...
+
+    def renew_nowait(self, lease: Lease, expires_at: float | None) -> bool | None:
+        """`renew` done, or not done (None)."""
         ...
 
 
@@ -79,6 +68,18 @@ class Storage(Protocol):
     #: True when other processes change the same leases, so waiters must poll as well as
     #: listen for local releases.
     shared: bool
+
+    @property
+    def holder_grace(self) -> float | None:
+        """Seconds a holder may be silent before other processes take its leases back (None
+        where no other process shares the leases)."""
+        ...
+
+    @property
+    def contact_losses(self) -> int:
+        """Calls that found the database gone, all told (0 where there is none to lose): the
+        lease manager looks for grants whose answers an outage cut off whenever this moves."""
+        ...
 
     async def open(self) -> None: ...
 
@@ -164,6 +165,11 @@ class Storage(Protocol):
         ...
 
     async def list_leases(self, pool: str | None = None) -> list[Lease]: ...
+
+    def leases_held_ahead(self) -> set[str]:
+        """The ids of the leases this process holds that the storage granted ahead of
+        requests and has not handed out yet."""
+        ...
 
     # -- health -------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ lease leaves no trace, so the millionth acquire costs what the first did.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import random
@@ -89,6 +90,9 @@ class MemoryStorage:
     shared = False
 
     def __init__(self, *, rng: random.Random | None = None) -> None:
+        #: No other process shares these leases, and no database is there to lose.
+        self.holder_grace: float | None = None
+        self.contact_losses = 0
         self._rng = rng or random.Random()
         self._pools: dict[str, _PoolState] = {}
         self._slots: dict[str, Slot] = {}
@@ -207,9 +211,9 @@ class MemoryStorage:
     # -- leasing ------------------------------------------------------------------------------
 
     async def acquire(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
-        return self.acquire_now(request, holder=holder, now=now)
+        return self.acquire_nowait(request, holder=holder, now=now)
 
-    def acquire_now(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
+    def acquire_nowait(self, request: LeaseRequest, *, holder: str, now: float) -> Lease | None:
         state = self._pools.get(request.pool)
         if state is None:
             raise PoolNotFound(request.pool)
@@ -221,10 +225,14 @@ class MemoryStorage:
         expires_at = None if request.duration is None else now + request.duration
         return self._grant(state, slot, request, holder, now, expires_at)
 
-    async def release(self, lease: Lease) -> bool:
-        return self.release_now(lease)
+    def acquired(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
+        """Never asked: `acquire_nowait` answers at once, with no future."""
+        raise AssertionError("memory storage leases at once")
 
-    def release_now(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease) -> bool:
+        return self.release_nowait(lease)
+
+    def release_nowait(self, lease: Lease) -> bool:
         entry = self._held.pop(lease.id, None)
         if entry is None:
             return False
@@ -232,9 +240,9 @@ class MemoryStorage:
         return True
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
-        return self.renew_now(lease, expires_at)
+        return self.renew_nowait(lease, expires_at)
 
-    def renew_now(self, lease: Lease, expires_at: float | None) -> bool:
+    def renew_nowait(self, lease: Lease, expires_at: float | None) -> bool:
         entry = self._held.get(lease.id)
         if entry is None:
             return False
@@ -276,6 +284,9 @@ class MemoryStorage:
 
     async def list_leases(self, pool: str | None = None) -> list[Lease]:
         return [lease for lease, _ in self._held.values() if pool is None or lease.pool == pool]
+
+    def leases_held_ahead(self) -> set[str]:
+        return set()  # granted only as asked
 
     # -- health -------------------------------------------------------------------------------
 

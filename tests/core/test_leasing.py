@@ -386,26 +386,34 @@ async def test_leases_started_and_given_back_without_awaiting_are_all_accounted_
     storage: Storage, clock: ManualClock
 ) -> None:
     """Where the storage can (PostgreSQL's batched statements), a plain lease is started
-    without awaiting and given back without awaiting; elsewhere nothing is started and
-    `acquire` does it all."""
+    without awaiting and given back without awaiting; memory leases at once; elsewhere nothing
+    is started and `acquire` does it all."""
     await make_pool(storage, 2)
     manager = LeaseManager(storage, clock=clock, sweep_interval=3600)
     plain, sticky = LeaseRequest("p"), LeaseRequest("p", session="s1")
     async with manager:
         await manager.put_back(await manager.acquire(plain, timeout=1))  # the pool known
-        assert manager.acquire_soon(sticky) is None  # a session's lease is renewed: awaited
-        pending = [manager.acquire_soon(plain) for _ in range(4)]
-        if pending[0] is None:
-            assert all(p is None for p in pending)
-            return  # leased at once (memory) or awaited (SQLite)
-        await asyncio.wait([p for p in pending if p is not None])
-        leases = [manager.acquired_soon(plain, p) for p in pending if p is not None]
+        # A session's lease is renewed once taken: at once (memory), else awaited.
+        session = manager.take_now(sticky)
+        assert not isinstance(session, asyncio.Future)
+        if session is not None:
+            manager.give_back(session)
+        taken = [manager.take_now(plain) for _ in range(4)]
+        if not any(isinstance(answer, asyncio.Future) for answer in taken):
+            for answer in taken:  # leased at once (memory) or awaited (SQLite)
+                if isinstance(answer, Lease):
+                    manager.give_back(answer)
+            return
+        pending = [answer for answer in taken if isinstance(answer, asyncio.Future)]
+        assert len(pending) == 4
+        await asyncio.wait(pending)
+        leases = [manager.taken(plain, future) for future in pending]
         granted = [lease for lease in leases if lease is not None]
         assert len(granted) == 4
         assert len(await storage.list_leases("p")) == 4
         for lease in granted:
-            assert manager.put_back_now(lease)
-        assert manager.put_back_now(granted[0])  # a second time: counted once answered
+            manager.give_back(lease)
+        manager.give_back(granted[0])  # a second time: counted once answered
     # Closing waited for the releases sent without waiting.
     assert await storage.list_leases("p") == []
     assert manager.double_releases == 1

@@ -10,7 +10,7 @@ import pytest
 
 from core.clock import ManualClock
 from core.leasing import LeaseEvent, LeaseManager
-from core.models import LeaseRequest
+from core.models import Lease, LeaseRequest
 from core.storage.memory import MemoryStorage
 from tests.core.conftest import make_pool
 from tests.core.test_leasing import until_waiting
@@ -29,18 +29,30 @@ async def manager(memory: MemoryStorage) -> AsyncIterator[LeaseManager]:
         yield leases
 
 
+def now(manager: LeaseManager, request: LeaseRequest) -> Lease | None:
+    """`take_now` on memory storage: a lease at once, or None (never a future)."""
+    taken = manager.take_now(request)
+    assert taken is None or isinstance(taken, Lease)
+    return taken
+
+
+async def held(memory: MemoryStorage) -> int:
+    return (await memory.stats("p", 0)).leases_held
+
+
 async def test_leases_at_once_in_rotation_and_gives_back(
     manager: LeaseManager, memory: MemoryStorage
 ) -> None:
     await make_pool(memory, 3, max_concurrency=1)
-    leases = [manager.acquire_now(LeaseRequest("p")) for _ in range(4)]
+    leases = [now(manager, LeaseRequest("p")) for _ in range(4)]
     assert leases[3] is None  # all three busy: acquire() waits in line for it
     granted = [lease for lease in leases if lease is not None]
     assert len({lease.upstream.id for lease in granted}) == 3
-    assert (await memory.stats("p", 0)).leases_held == 3
-    assert all(manager.put_back_now(lease) for lease in granted)
-    assert (await memory.stats("p", 0)).leases_held == 0
-    assert manager.put_back_now(granted[0])  # a second release changes nothing ...
+    assert await held(memory) == 3
+    for lease in granted:
+        manager.give_back(lease)
+    assert await held(memory) == 0  # given back at once
+    manager.give_back(granted[0])  # a second release changes nothing ...
     assert manager.double_releases == 1  # ... and is counted, as release() counts it
 
 
@@ -49,13 +61,13 @@ async def test_a_session_is_leased_and_put_back_at_once_as_the_awaited_calls_do(
 ) -> None:
     await make_pool(memory, 2)
     request = LeaseRequest("p", session="s1")
-    first = manager.acquire_now(request)
+    first = now(manager, request)
     assert first is not None
-    assert manager.acquire_now(request) is first  # the session's second user: its lease
+    assert now(manager, request) is first  # the session's second user: its lease
     assert (first.uses, manager.users_of(first), first.expires_at) == (2, 2, None)
-    assert manager.put_back_now(first)
+    manager.give_back(first)
     assert first.expires_at is None  # a user is left: no idle countdown yet
-    assert manager.put_back_now(first)
+    manager.give_back(first)
     assert first.idle_ttl is not None
     assert first.expires_at == manager.clock.now() + first.idle_ttl
     assert (await memory.stats("p", 0)).leases_held == 1  # still bound to its session
@@ -71,29 +83,30 @@ async def test_a_session_parted_from_its_upstream_is_released_by_its_last_user(
 ) -> None:
     await make_pool(memory, 2)
     request = LeaseRequest("p", session="s1")
-    lease = manager.acquire_now(request)
+    lease = now(manager, request)
     assert lease is not None
     await manager.unbind_session(lease, fail=False)
-    assert manager.put_back_now(lease)
-    assert (await memory.stats("p", 0)).leases_held == 0
-    moved = manager.acquire_now(request)  # bound anew, and says where it came from
+    manager.give_back(lease)
+    assert await held(memory) == 0
+    moved = now(manager, request)  # bound anew, and says where it came from
     assert moved is not None
     assert moved.rebound_from == lease.upstream.id
-    assert manager.put_back_now(moved)
+    manager.give_back(moved)
+    assert await held(memory) == 1  # bound to its session until its idle TTL
 
 
 async def test_nothing_is_done_at_once_while_others_wait_in_line(
     manager: LeaseManager, memory: MemoryStorage
 ) -> None:
     await make_pool(memory, 1, max_concurrency=1)
-    first = manager.acquire_now(LeaseRequest("p"))
+    first = now(manager, LeaseRequest("p"))
     assert first is not None
     waiter = asyncio.create_task(manager.acquire(LeaseRequest("p"), timeout=5.0))
     await until_waiting(manager, "p", 1)
     # Freed capacity goes to the waiter first: that is the awaited path's job.
-    assert not manager.put_back_now(first)
-    assert manager.acquire_now(LeaseRequest("p")) is None
-    await manager.put_back(first)
+    assert now(manager, LeaseRequest("p")) is None
+    manager.give_back(first)
+    assert await held(memory) == 1  # not at once
     second = await asyncio.wait_for(waiter, 5.0)
     await manager.put_back(second)
 
@@ -105,10 +118,11 @@ async def test_callbacks_are_told_so_nothing_is_done_at_once(
     events: list[LeaseEvent] = []
     manager.on_acquire(events.append)
     manager.on_release(events.append)
-    assert manager.acquire_now(LeaseRequest("p")) is None
+    assert now(manager, LeaseRequest("p")) is None
     lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
-    assert not manager.put_back_now(lease)
-    await manager.put_back(lease)
+    manager.give_back(lease)
+    assert await held(memory) == 1  # not at once
+    await manager.close()  # waits for what it gave back in tasks
     assert [event.kind.value for event in events] == ["acquired", "released"]
 
 
@@ -118,9 +132,8 @@ async def test_a_wrapped_storage_is_never_used_at_once(memory: MemoryStorage) ->
     await make_pool(memory, 1)
     wrapped, switch = flaky(memory)
     async with LeaseManager(wrapped, instance_id="gw", sweep_interval=3600) as manager:
-        assert manager.acquire_now(LeaseRequest("p")) is None
+        assert now(manager, LeaseRequest("p")) is None
         lease = await manager.acquire(LeaseRequest("p"), timeout=1.0)
-        assert not manager.put_back_now(lease)
         switch.down = True
         assert await manager.put_back(lease)  # kept for when the storage answers again
         assert switch.refused == {"release": 1}

@@ -10,14 +10,13 @@ from typing import Any, cast
 
 import pytest
 
-from core import unanswered
 from core.clock import ManualClock
 from core.errors import StorageUnavailable
-from core.leasing import LeaseManager
+from core.leasing import LeaseManager, unanswered
+from core.leasing.unanswered import UnansweredGrants
 from core.models import Lease, LeaseRequest
 from core.storage.interface import Storage
 from core.storage.memory import MemoryStorage
-from core.unanswered import UnansweredGrants
 from tests.core.conftest import make_pool
 from tests.storage.flaky import FlakyStorage, flaky
 

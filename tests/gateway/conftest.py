@@ -24,7 +24,7 @@ def proxy_url(gateway: Gateway, scheme: str = "http", auth: str = "") -> str:
 
 
 async def leases_held(gateway: Gateway, *, sessions: bool = False) -> int:
-    leases = await gateway.manager.storage.list_leases()
+    leases = await gateway.storage.list_leases()
     return sum(1 for lease in leases if sessions or lease.session is None)
 
 

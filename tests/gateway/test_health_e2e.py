@@ -27,7 +27,7 @@ def upstream_id(url: str, pool: str = "default") -> str:
 
 
 async def attempts_with(gateway: Gateway, url: str, outcome: Outcome) -> int:
-    history = await gateway.manager.storage.history(upstream_id(url))
+    history = await gateway.storage.history(upstream_id(url))
     return sum(1 for record in history if record.outcome is outcome)
 
 
@@ -58,7 +58,7 @@ async def test_a_refused_upstream_among_five_is_ejected_with_no_client_failure(
     print(f"refused upstream: {tries} attempts before ejection, {failures} client failures")
     assert failures == 0
     assert tries == 5
-    assert (await gateway.manager.storage.get_upstream(upstream_id(dead.url))).status is (
+    assert (await gateway.storage.get_upstream(upstream_id(dead.url))).status is (
         HealthStatus.EJECTED
     )
     assert sum(p.connections for p in healthy) == 60
@@ -99,10 +99,10 @@ async def test_a_thousand_connects_to_an_unreachable_target_eject_nothing(
 
     statuses = await asyncio.gather(*(one() for _ in range(1000)))
     assert set(statuses) == {502}
-    stats = await gateway.manager.storage.stats("default", gateway.manager.clock.now())
+    stats = await gateway.storage.stats("default", gateway.manager.clock.now())
     assert (stats.ejected, stats.panic) == (0, False)
     for proxy in proxies:
-        upstream = await gateway.manager.storage.get_upstream(upstream_id(proxy.url))
+        upstream = await gateway.storage.get_upstream(upstream_id(proxy.url))
         assert upstream.failure_streak == 0
 
 
@@ -120,7 +120,7 @@ async def test_when_every_upstream_fails_the_pool_panics_and_still_answers(
 
     statuses = [await one(i) for i in range(30)]
     assert set(statuses) == {502}
-    stats = await gateway.manager.storage.stats("default", gateway.manager.clock.now())
+    stats = await gateway.storage.stats("default", gateway.manager.clock.now())
     assert (stats.ejected, stats.active, stats.panic) == (2, 2, True)
     host, port = gateway.admin_address or ("", 0)
     async with (
@@ -140,7 +140,7 @@ async def test_ejection_ends_on_time_and_an_active_check_readmits_sooner(
     dead = await fake_http_proxy_factory()
     await dead.refuse()
     gateway = await start_gateway(pool_toml(dead.url, *(p.url for p in healthy)), clock=clock)
-    storage = gateway.manager.storage
+    storage = gateway.storage
     dead_id = upstream_id(dead.url)
     for i in range(20):
         assert (await fetch(origin.url_for(f"/echo?e={i}"), proxy_url(gateway)))[0] == 200
@@ -213,7 +213,7 @@ async def test_rebind_matching_keeps_the_country(
         pool_toml(*(p.url for p in proxies), extra='on_sticky_failure = "rebind_matching"')
     )
     for proxy, country in zip(proxies, ["DE", "FR", "FR", "DE"], strict=True):
-        await gateway.manager.storage.update_upstream(upstream_id(proxy.url), country=country)
+        await gateway.storage.update_upstream(upstream_id(proxy.url), country=country)
     first = await bound_proxy(gateway, origin, proxies, "s1")
     assert first is proxies[0]
     await first.refuse()
@@ -299,7 +299,7 @@ async def test_a_blackholed_http_upstream_on_plain_http_is_blamed_and_the_retry_
     assert dead.connections == blamed
     assert origin.count("/echo") == 12
     for proxy in healthy:
-        upstream = await gateway.manager.storage.get_upstream(upstream_id(proxy.url))
+        upstream = await gateway.storage.get_upstream(upstream_id(proxy.url))
         assert upstream.failure_streak == 0
 
 
@@ -314,7 +314,7 @@ async def test_a_silent_target_is_held_against_no_upstream(
     assert "error=http_response_timeout" in headers["Proxy-Status"]
     assert origin.count("/slow") == 2  # sent once more, through the other upstream
     for proxy in proxies:
-        upstream = await gateway.manager.storage.get_upstream(upstream_id(proxy.url))
+        upstream = await gateway.storage.get_upstream(upstream_id(proxy.url))
         assert upstream.failure_streak == 0
         assert await attempts_with(gateway, proxy.url, Outcome.READ_TIMEOUT) == 1
 

@@ -381,6 +381,6 @@ async def test_a_gateway_chained_to_itself_stops_at_once(start_gateway: StartGat
     assert answer.startswith(b"HTTP/1.1 502 ")
     writer.close()
     await writer.wait_closed()
-    stats = await gateway.manager.storage.stats("default", 0)
+    stats = await gateway.storage.stats("default", 0)
     # Only the client's CONNECT leased: the looped one was refused by its Via before leasing.
     assert stats.total_leases == 1

@@ -219,11 +219,11 @@ async def test_a_session_rides_the_plans_on_its_one_upstream_and_moves_when_it_f
         # from where (the general exchange adds that); then the plans carry it again.
         bound_id = next(
             u.id
-            for u in await gateway.manager.storage.list_upstreams("default")
+            for u in await gateway.storage.list_upstreams("default")
             if u.endpoint.port == bound.port
         )
         now = gateway.manager.clock.now()
-        await gateway.manager.storage.eject(bound_id, now + 60, now)
+        await gateway.storage.eject(bound_id, now + 60, now)
         moved = await exchange_raw(reader, writer, data)
         assert b"\r\nX-Proxy-Session-Rebound: " + bound_id.encode() + b"\r\n" in moved
         made = len(exchanges)
@@ -329,7 +329,7 @@ async def test_a_kept_connection_gone_silent_times_out_and_another_upstream_answ
     assert (len(silent.heads), len(healthy.heads)) == (2, 2)
     streaks = {
         u.endpoint.port: (u.failure_streak, u.last_error)
-        for u in await gateway.manager.storage.list_upstreams("default")
+        for u in await gateway.storage.list_upstreams("default")
     }
     # The silence is held against the silent upstream, since another one answered.
     assert streaks[silent.port][0] == 1

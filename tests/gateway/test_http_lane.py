@@ -164,7 +164,7 @@ async def test_a_target_error_passes_and_the_connection_carries_on(
             assert (answer.status, answer.body) == (503, b"status 503\n")
             writer.write(get(origin, f"/echo?i={i}"))
             assert echo_of(await read_response(reader))["path"] == f"/echo?i={i}"
-    upstreams = await gateway.manager.storage.list_upstreams("default")
+    upstreams = await gateway.storage.list_upstreams("default")
     # The target's own error is held against no upstream.
     assert [u.failure_streak for u in upstreams] == [0, 0]
 

@@ -151,7 +151,7 @@ async def test_a_kept_connection_closing_as_the_request_goes_out_is_retried_fres
         assert (target.requests, len(target.accepted)) == (3, 2)
         # The upstream did nothing wrong: its health heard no failure.
         upstream_id = Upstream.from_url("direct://", "default").id
-        history = await gateway.manager.storage.history(upstream_id)
+        history = await gateway.storage.history(upstream_id)
         assert [record.outcome.value for record in history if record.outcome.value != "ok"] == []
 
 

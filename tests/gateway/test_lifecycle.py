@@ -30,7 +30,7 @@ from tests.support.origin import EchoServer, Origin, trailer
 
 async def held(gateway: Gateway, pool: str = "default") -> int:
     """Leases held in `pool`, as the pool's own statistics count them."""
-    return (await gateway.manager.storage.stats(pool, 0)).leases_held
+    return (await gateway.storage.stats(pool, 0)).leases_held
 
 
 async def wait_released(gateway: Gateway, pool: str = "default", timeout: float = TIMEOUT) -> None:

@@ -58,7 +58,7 @@ async def geo(
     (countries cannot be written in TOML, so those two are added through storage)."""
     plain, ar, de = [await fake_http_proxy_factory() for _ in range(3)]
     gateway = await start_gateway(pool_toml(plain.url))
-    await gateway.manager.storage.add_upstreams(
+    await gateway.storage.add_upstreams(
         [
             Upstream.from_url(ar.url, "default", country="AR"),
             Upstream.from_url(de.url, "default", country="de"),
@@ -149,7 +149,7 @@ async def test_a_session_ends_after_its_sessttl_and_binds_anew(
     gateway.manager.clock = clock  # session expiry is judged by the manager's clock
 
     async def session_lease(session: str) -> tuple[str, str]:
-        leases = await gateway.manager.storage.list_leases("default")
+        leases = await gateway.storage.list_leases("default")
         (lease,) = [lease for lease in leases if lease.session == session]
         return lease.id, lease.upstream.id
 

@@ -58,7 +58,7 @@ async def stock_up(storage: SQLStorage) -> list[Lease]:
 def taken_at_once(storage: SQLStorage) -> Lease | None:
     """A request that needs no statement: the lease it took, or None when it must wait."""
     request = LeaseRequest("p")
-    pending = storage.acquire_soon(request, holder="h1", now=NOW)
+    pending = storage.acquire_nowait(request, holder="h1", now=NOW)
     assert pending is not None
     if not pending.done():
         pending.cancel()

@@ -250,7 +250,7 @@ class SQLStorage:
                     await self.release(lease)
             raise
 
-    def acquire_soon(
+    def acquire_nowait(
         self, request: LeaseRequest, *, holder: str, now: float
     ) -> asyncio.Future[Any] | None:
         fast = self._fast
@@ -285,11 +285,15 @@ class SQLStorage:
             return await asyncio.shield(fast.release(lease_id))
         return await asyncio.shield(self._tx(lambda conn: leasing.drop(conn, lease_id)))
 
-    def release_soon(self, lease: Lease) -> asyncio.Future[bool] | None:
+    def release_nowait(self, lease: Lease) -> asyncio.Future[bool] | None:
         lease_id = leasing.lease_key(lease)
         if self._fast is None or lease_id is None:
             return None
         return self._fast.release(lease_id, linger=True)
+
+    def renew_nowait(self, lease: Lease, expires_at: float | None) -> None:
+        """Never at once: a renewal is a statement of its own, awaited (`renew`)."""
+        return None
 
     async def renew(self, lease: Lease, expires_at: float | None) -> bool:
         lease_id = leasing.lease_key(lease)
