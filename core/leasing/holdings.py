@@ -34,8 +34,10 @@ class Holdings:
         holder: str,
         lines: dict[str, deque[Any]],
         on_storage_down: Callable[[StorageUnavailable], None],
+        put_back_later: Callable[[Lease], None],
     ) -> None:
-        """`lines`: the manager's waiting line, a queue per pool (read here, never written)."""
+        """`lines`: the manager's waiting line, a queue per pool (read here, never written).
+        `put_back_later(lease)`: the manager's `put_back`, started without waiting for it."""
         self.clock = clock
         self.holder = holder
         #: What the storage offers for leasing without awaiting (None where it does not).
@@ -62,6 +64,7 @@ class Holdings:
         #: Releases sent without waiting, until answered: each one's answer and its lease.
         self.releasing: dict[asyncio.Future[bool], Lease] = {}
         self._on_storage_down = on_storage_down
+        self._put_back_later = put_back_later
 
     # -- leasing without awaiting ---------------------------------------------------------
 
@@ -102,6 +105,11 @@ class Holdings:
             # In use: no idle countdown. A storage that grants a session's lease without
             # awaiting renews it so too.
             storage.renew_nowait(lease, None)
+
+    def give_back(self, lease: Lease) -> None:
+        """`put_back_now`, or else the manager's `put_back` in a task of its own."""
+        if not self.put_back_now(lease):
+            self._put_back_later(lease)
 
     def put_back_now(self, lease: Lease) -> bool:
         """`LeaseManager.put_back` without awaiting, when nothing else needs to happen (nobody

@@ -90,6 +90,7 @@ class LeaseManager:
             instance_id or f"gw-{secrets.token_hex(6)}",
             self._waiters,
             self._storage_down,
+            self._put_back_in_task,
         )
         self.sweep_interval = sweep_interval
         #: How often a waiter re-tries on its own when other processes share the storage.
@@ -98,6 +99,17 @@ class LeaseManager:
         self._on_release: list[LeaseCallback] = []
         # Lease ends started from `give_back` that had to await (ended at `close`).
         self._giving_back: set[asyncio.Task[bool]] = set()
+        # The request path's calls go straight to the compiled part (an interpreted method
+        # in between would cost a frame per request):
+        #: `take_now(request)`: a lease at once; a future that brings one without waiting in
+        #: line (read it with `taken(request, future)`, which must be called once it is done:
+        #: its lease is then the caller's); or None when leasing must be awaited (`acquire`).
+        #: Raises what `acquire` raises.
+        self.take_now = holdings.take_now
+        self.taken = holdings.taken
+        #: `give_back(lease)`: `put_back` without waiting for it, done at once where the
+        #: storage can, else in a task of the manager's own (`close` waits for it).
+        self.give_back = holdings.give_back
         self._health = HealthFeed(storage, holdings, self._storage_down)
         #: Feed an outcome into its upstream's health (`HealthFeed.report`): awaited, or
         #: without waiting for a storage that takes its time (`report_soon`).
@@ -228,26 +240,6 @@ class LeaseManager:
         started = time.perf_counter()
         lease = await self._wait(request, timeout, started, offer=offer)
         return await self._acquired(lease, time.perf_counter() - started)
-
-    def take_now(self, request: LeaseRequest) -> Lease | asyncio.Future[Any] | None:
-        """A lease at once; a future that brings one without waiting in line (read it with
-        `taken`, which must be called once it is done: its lease is then the caller's); or
-        None when leasing must be awaited (`acquire`). Raises what `acquire` raises."""
-        return self._holdings.take_now(request)
-
-    def taken(self, request: LeaseRequest, pending: asyncio.Future[Any]) -> Lease | None:
-        """The lease a `take_now` future brought, or None: `acquire` then leases (waiting in
-        line, or raising what went wrong)."""
-        return self._holdings.taken(request, pending)
-
-    def give_back(self, lease: Lease) -> None:
-        """`put_back` without waiting for it: done at once where the storage can, else in a
-        task of the manager's own (`close` waits for it)."""
-        if self._holdings.put_back_now(lease):
-            return
-        task = asyncio.get_running_loop().create_task(self.put_back(lease), name="give-back")
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
         holdings = self._holdings
@@ -565,6 +557,11 @@ class LeaseManager:
         if dropped:
             log.warning("%d outcomes were dropped while the storage was unavailable", dropped)
             backlog.dropped_outcomes = 0
+
+    def _put_back_in_task(self, lease: Lease) -> None:
+        task = asyncio.get_running_loop().create_task(self.put_back(lease), name="give-back")
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     def _storage_down(self, error: StorageUnavailable) -> None:
         self._outages.down(error)
