@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,28 @@ def _remove_compiled(names: list[str]) -> None:
 
 
 class _BuildOptionalExt(build_ext):
-    """Falls back to the pure-Python package when the C compiler fails or is missing."""
+    """Compiles an extension's C files in parallel, one compiler process per core; falls back
+    to the pure-Python package when the C compiler fails or is missing."""
+
+    def build_extension(self, ext: Any) -> None:
+        # distutils compiles an extension's sources one after another; the compiled modules'
+        # shared library is most of the build, split into a C file per module (mypyc's
+        # `multi_file`) so that its files can go to the cores together.
+        compiler = self.compiler
+        one_by_one = compiler.compile
+
+        def compile_together(sources: list[str], *args: Any, **kwargs: Any) -> list[str]:
+            if len(sources) < 2:
+                return list(one_by_one(sources, *args, **kwargs))
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                parts = pool.map(lambda source: one_by_one([source], *args, **kwargs), sources)
+                return [obj for objects in parts for obj in objects]
+
+        compiler.compile = compile_together
+        try:
+            super().build_extension(ext)
+        finally:
+            compiler.compile = one_by_one
 
     def run(self) -> None:
         try:
@@ -59,10 +81,17 @@ class _BuildOptionalExt(build_ext):
             _say(f"not compiled ({reason}); installing pure Python")
 
 
+#: The setup.py commands that build: the others (pip's metadata steps) need no C, and are
+#: spared translating the modules again (a few seconds each).
+_BUILDING = frozenset({"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"})
+
+
 def _extensions() -> list[Any]:
     names = compiled_modules()
     if os.environ.get("PROXYGATE_COMPILE", "1") == "0":
         _remove_compiled(names)
+        return []
+    if _BUILDING.isdisjoint(sys.argv[1:]):
         return []
     try:
         from mypyc.build import mypycify
@@ -79,7 +108,9 @@ def _extensions() -> list[Any]:
         "--no-warn-unused-ignores",
     ]
     try:
-        extensions: list[Any] = mypycify([*options, *paths], group_name=GROUP)
+        extensions: list[Any] = mypycify(
+            [*options, *paths], group_name=GROUP, multi_file=True
+        )
     except (Exception, SystemExit) as exc:
         _say(f"mypyc could not compile ({exc}); installing pure Python")
         return []
