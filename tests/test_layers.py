@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEASING_PRIVATE = (
     "core.leasing.holdings",
     "core.leasing.health_feed",
+    "core.leasing.line",
     "core.leasing.outages",
     "core.leasing.unanswered",
     "core.leasing.manager",

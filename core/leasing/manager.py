@@ -9,10 +9,11 @@ Its surface: take a lease now (`take_now`, `taken`) or wait for one (`acquire`, 
 it back (`give_back`, or `put_back` to wait until it is written), feed health (`report`,
 `report_soon`, `eject`, `readmit`), read pools (`pool`, `pools`, `stats`, `upstreams`,
 `waiting`). Its parts are private: what this process holds, and leasing and giving back without
-awaiting (`core.leasing.holdings`, compiled with the request path); health intake
-(`core.leasing.health_feed`); the storage going away and coming back
-(`core.leasing.outages`: giving back never fails for want of storage, what it cannot take is
-kept and written once it answers). Nothing outside reaches them, or the storage behind them.
+awaiting (`core.leasing.holdings`, compiled with the request path); the waiting line
+(`core.leasing.line`); health intake (`core.leasing.health_feed`); the storage going away and
+coming back (`core.leasing.outages`: giving back never fails for want of storage, what it
+cannot take is kept and written once it answers). Nothing outside reaches them, or the storage
+behind them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -30,9 +30,10 @@ from typing import Any, cast
 
 from core.backlog import LeaseWrite
 from core.clock import Clock, SystemClock
-from core.errors import CoreError, NoUpstreamAvailable, StorageUnavailable
+from core.errors import StorageUnavailable
 from core.leasing.health_feed import HealthFeed
 from core.leasing.holdings import Holdings
+from core.leasing.line import WaitingLine
 from core.leasing.outages import Outages
 from core.models import Lease, LeaseRequest, Pool, PoolStats, Upstream
 from core.storage.interface import Storage
@@ -61,15 +62,6 @@ class LeaseEvent:
 LeaseCallback = Callable[[LeaseEvent], None]
 
 
-class _Waiter:
-    __slots__ = ("future", "request", "serving")
-
-    def __init__(self, request: LeaseRequest, future: asyncio.Future[Lease]) -> None:
-        self.request = request
-        self.future = future
-        self.serving = False
-
-
 class LeaseManager:
     def __init__(
         self,
@@ -81,20 +73,21 @@ class LeaseManager:
         poll_interval: float = 0.05,
     ) -> None:
         self._storage = storage
-        #: The waiting line: who waits for each pool, in arrival order.
-        self._waiters: dict[str, deque[_Waiter]] = {}
+        holder = instance_id or f"gw-{secrets.token_hex(6)}"
+        #: Acquirers waiting while every upstream of their pool is busy.
+        self._line = WaitingLine(
+            storage, holder, lambda: self.clock, poll_interval, self.release, self._return_grant
+        )
         #: What this process holds, and leasing and giving back without awaiting.
         self._holdings = holdings = Holdings(
             storage,
             clock or SystemClock(),
-            instance_id or f"gw-{secrets.token_hex(6)}",
-            self._waiters,
+            holder,
+            self._line.queues,
             self._storage_down,
             self._put_back_in_task,
         )
         self.sweep_interval = sweep_interval
-        #: How often a waiter re-tries on its own when other processes share the storage.
-        self.poll_interval = poll_interval
         self._on_acquire: list[LeaseCallback] = []
         self._on_release: list[LeaseCallback] = []
         # Lease ends started from `give_back` that had to await (ended at `close`).
@@ -116,8 +109,11 @@ class LeaseManager:
         self.report = self._health.report
         self.report_soon = self._health.report_soon
         self._sweeper: asyncio.Task[None] | None = None
-        # Hand-offs to waiters started from `notify` (ended at `close`).
-        self._handoffs: set[asyncio.Task[None]] = set()
+        #: Capacity may have appeared without a release (upstreams added or re-admitted):
+        #: offered to the waiters of the pool.
+        self.notify = self._line.notify
+        #: How many acquirers wait in line for a pool.
+        self.waiting = self._line.waiting
         self._outages = Outages(storage, holdings)
 
     @property
@@ -158,10 +154,7 @@ class LeaseManager:
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
-        for handoff in list(self._handoffs):
-            handoff.cancel()
-        if self._handoffs:
-            await asyncio.gather(*self._handoffs, return_exceptions=True)
+        await self._line.close()
         await self._health.close()
         if self._giving_back:
             await asyncio.gather(*self._giving_back, return_exceptions=True)
@@ -225,20 +218,20 @@ class LeaseManager:
             if lease is not None:
                 return lease
             offer = False  # the storage said all are busy, or could not decide: awaited
-        if request.session is not None or not self._waiters.get(request.pool):
+        if request.session is not None or not self._line.queues.get(request.pool):
             lease = await self._storage.acquire(
                 request, holder=self.instance_id, now=self.clock.now()
             )
             if lease is not None:
                 # A session already bound is not new capacity: it never queues.
-                if lease.uses > 1 or not self._waiters.get(request.pool):
+                if lease.uses > 1 or not self._line.queues.get(request.pool):
                     return await self._acquired(lease, 0.0)
                 # A fresh grant while others wait: offered to them first, then to us, in line.
                 await self._return_grant(lease)
             else:
                 offer = False
         started = time.perf_counter()
-        lease = await self._wait(request, timeout, started, offer=offer)
+        lease = await self._line.wait(request, timeout, started, offer=offer)
         return await self._acquired(lease, time.perf_counter() - started)
 
     async def _acquired(self, lease: Lease, waited: float) -> Lease:
@@ -282,8 +275,8 @@ class LeaseManager:
         """Capacity came back: to the waiters first, then the callbacks hear of it."""
         if not released:
             return
-        if self._waiters.get(lease.pool):
-            await self._handoff(lease.pool)
+        if self._line.queues.get(lease.pool):
+            await self._line.hand_off(lease.pool)
         if self._on_release:
             held = self.clock.now() - lease.acquired_at
             await self._emit(self._on_release, LeaseEventKind.RELEASED, lease, 0.0, held)
@@ -353,15 +346,6 @@ class LeaseManager:
         self.notify(upstream.pool)
         return upstream
 
-    def notify(self, pool: str) -> None:
-        """Capacity may have appeared without a release (upstreams added or re-admitted)."""
-        if self._waiters.get(pool):
-            task = asyncio.get_running_loop().create_task(
-                self._handoff(pool), name=f"handoff-{pool}"
-            )
-            self._handoffs.add(task)
-            task.add_done_callback(self._handoffs.discard)
-
     async def sweep(self) -> list[Lease]:
         """Write what was kept while the storage was unavailable, release expired leases and
         re-admit upstreams whose ejection is over (the background sweeper calls this
@@ -380,8 +364,8 @@ class LeaseManager:
         await self._outages.answered(started)
         await self._outages.look_for_unanswered()
         for pool in {lease.pool for lease in expired}:
-            if self._waiters.get(pool):
-                await self._handoff(pool)
+            if self._line.queues.get(pool):
+                await self._line.hand_off(pool)
         if self._on_release:
             now = self.clock.now()
             for lease in expired:
@@ -389,8 +373,6 @@ class LeaseManager:
                 await self._emit(self._on_release, LeaseEventKind.EXPIRED, lease, 0.0, held)
         return expired
 
-    def waiting(self, pool: str) -> int:
-        return len(self._waiters.get(pool, ()))
 
     # -- reading pools ------------------------------------------------------------------------
 
@@ -423,99 +405,6 @@ class LeaseManager:
                 await self.release(lease)
 
     # -- internals ----------------------------------------------------------------------------
-
-    async def _wait(
-        self, request: LeaseRequest, timeout: float, started: float, *, offer: bool
-    ) -> Lease:
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(request, loop.create_future())
-        queue = self._waiters.setdefault(request.pool, deque())
-        queue.append(waiter)
-        try:
-            if offer:
-                await self._handoff(request.pool)
-            async with asyncio.timeout(timeout):
-                if not self._storage.shared:
-                    return await waiter.future
-                return await self._poll(waiter, queue)
-        except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                return waiter.future.result()  # handed over just as time ran out
-            raise NoUpstreamAvailable(
-                request.pool,
-                waited=time.perf_counter() - started,
-                reason=f"every upstream stayed busy for {timeout:g}s",
-            ) from None
-        except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                handed = waiter.future.result()
-                if handed.uses == 1:  # a session's shared lease is not ours to end
-                    await self.release(handed)
-            raise
-        finally:
-            if not waiter.future.done():
-                waiter.future.cancel()
-            with suppress(ValueError):
-                queue.remove(waiter)
-            if not queue and self._waiters.get(request.pool) is queue:
-                del self._waiters[request.pool]
-
-    async def _poll(self, waiter: _Waiter, queue: deque[_Waiter]) -> Lease:
-        """Wait for a hand-over, and at the head of the line also try now and then: other
-        processes release without telling us."""
-        while True:
-            await asyncio.wait((waiter.future,), timeout=self.poll_interval)
-            if waiter.future.done():
-                return waiter.future.result()
-            if queue[0] is waiter and not waiter.serving:
-                # Marked as served, so no hand-off leases for it at the same time.
-                waiter.serving = True
-                try:
-                    lease = await self._storage.acquire(
-                        waiter.request, holder=self.instance_id, now=self.clock.now()
-                    )
-                finally:
-                    waiter.serving = False
-                if lease is not None:
-                    return lease
-
-    async def _handoff(self, pool: str) -> None:
-        """Offer freed capacity to the waiters of `pool` in arrival order; the first that can
-        use it gets it."""
-        queue = self._waiters.get(pool)
-        if not queue:
-            return
-        tried_unfiltered = False
-        for waiter in list(queue):
-            if waiter.future.done():
-                continue
-            unfiltered = waiter.request.filters is None and waiter.request.session is None
-            if waiter.serving:
-                # Another hand-off is leasing for it: those behind it must not overtake it.
-                tried_unfiltered |= unfiltered
-                continue
-            if unfiltered and tried_unfiltered:
-                continue  # an unfiltered waiter already found nothing: none will
-            tried_unfiltered |= unfiltered
-            waiter.serving = True
-            try:
-                lease = await self._storage.acquire(
-                    waiter.request, holder=self.instance_id, now=self.clock.now()
-                )
-            except CoreError as exc:
-                if not waiter.future.done():
-                    waiter.future.set_exception(exc)
-                continue
-            finally:
-                waiter.serving = False
-            if lease is None:
-                continue
-            if waiter.future.done():  # it gave up while we were leasing for it
-                if lease.uses == 1:
-                    await self._return_grant(lease)
-                continue
-            waiter.future.set_result(lease)
-            return
 
     async def _emit(
         self,
