@@ -44,7 +44,7 @@ from gateway.protocols import (
     parse_basic_auth,
     split_proxy_headers,
 )
-from gateway.relay import relay
+from gateway.relay import RelayResult, relay
 from gateway.retry_budget import RetryBudget
 from gateway.routing import Route, UsernameParams, choose_route, parse_username
 from gateway.upstream_connections import KeepAliveLimits, UpstreamConnections
@@ -414,11 +414,12 @@ class GatewayContext:
         self.check_destination(host, port, tunnel=True)
         leased = await self.lease_and_dial(route, host, port, tunnel=True)
         failure: BaseException | None = None
+        ended: RelayResult | None = None
         try:
             if not isinstance(established, bytes):
                 established = established(leased.lease)
             client.write(established)
-            await relay(
+            ended = await relay(
                 client,
                 leased.dialed.channel,
                 idle_timeout=self.settings.idle_timeout,
@@ -431,6 +432,9 @@ class GatewayContext:
         self.give_back(leased.lease)
         if failure is not None:
             raise failure
+        if ended is not None and ended.upstream_broke:
+            # Its dial was reported a success already; the tunnel's end says otherwise.
+            await self.manager.report_soon(leased.lease.upstream.id, Outcome.RESET, None)
 
     def take_now(self, request: LeaseRequest) -> Lease | asyncio.Future[Any] | None:
         """For a plain HTTP request: a lease got without awaiting; a future bringing one,

@@ -40,6 +40,9 @@ class RelayResult:
     #: Bytes from the upstream side to the client side.
     received: int
     end: RelayEnd
+    #: The upstream side broke off (a reset, or an error on its socket) before the tunnel
+    #: ended otherwise: held against the upstream's health.
+    upstream_broke: bool = False
 
 
 class _Tunnel:
@@ -56,6 +59,7 @@ class _Tunnel:
         "received",
         "sent",
         "upstream",
+        "upstream_broke",
         "upstream_eof",
     )
 
@@ -67,6 +71,7 @@ class _Tunnel:
         self.client_eof = False
         self.upstream_eof = False
         self.end = RelayEnd.CLOSED
+        self.upstream_broke = False
         self.finished = False
         # Not a "finished" flag: cancelling the awaiting task cancels this future first.
         self.done: asyncio.Future[None] = client.loop.create_future()
@@ -133,6 +138,8 @@ class _Tunnel:
         self.lost(exc, self.upstream)
 
     def upstream_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and not self.finished:
+            self.upstream_broke = True
         self.lost(exc, self.client)
 
     def lost(self, exc: BaseException | None, other: Channel) -> None:
@@ -194,4 +201,4 @@ async def relay(
     except asyncio.CancelledError:
         tunnel.finish(RelayEnd.CANCELLED)
         raise
-    return RelayResult(tunnel.sent, tunnel.received, tunnel.end)
+    return RelayResult(tunnel.sent, tunnel.received, tunnel.end, tunnel.upstream_broke)

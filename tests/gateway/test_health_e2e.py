@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 
@@ -18,6 +19,7 @@ from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import closed_port
 from tests.support.origin import Origin
+from tests.support.waiting import eventually
 
 REBOUND = REBOUND_HEADER.decode()
 
@@ -41,6 +43,44 @@ async def connect_status(gateway: Gateway, host: str, port: int) -> int:
         return int(line.split()[1])
     finally:
         writer.close()
+
+
+async def tunnel_and_read(gateway: Gateway, origin: Origin) -> bytes:
+    """CONNECT to the origin through the gateway, send a GET through the tunnel, and read
+    until the tunnel ends (the answer, or as much of it as came before a reset)."""
+    gateway_host, gateway_port = gateway.listen_addresses[0]
+    reader, writer = await asyncio.open_connection(gateway_host, gateway_port)
+    target = f"{origin.host}:{origin.port}"
+    try:
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(f"GET /echo HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                received += chunk
+        return received
+    finally:
+        writer.close()
+
+
+async def test_a_tunnel_its_upstream_resets_midway_counts_as_a_reset_against_it(
+    start_gateway: StartGateway, origin: Origin, fake_http_proxy_factory: FakeHttpProxyFactory
+) -> None:
+    upstream = await fake_http_proxy_factory()
+    gateway = await start_gateway(pool_toml(upstream.url))
+    assert (await tunnel_and_read(gateway, origin)).startswith(b"HTTP/1.1 200")
+    assert await attempts_with(gateway, upstream.url, Outcome.RESET) == 0  # ended cleanly
+
+    upstream.faults.reset_after = 10  # bytes relayed, then a RST to the gateway
+    upstream.faults.times = 1
+    assert len(await tunnel_and_read(gateway, origin)) <= 10
+
+    async def reset_recorded() -> bool:
+        return await attempts_with(gateway, upstream.url, Outcome.RESET) == 1
+
+    await eventually(reset_recorded, "the tunnel's reset in the upstream's history")
+    assert await attempts_with(gateway, upstream.url, Outcome.OK) == 2  # the two dials
 
 
 async def test_a_refused_upstream_among_five_is_ejected_with_no_client_failure(

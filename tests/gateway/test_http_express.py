@@ -20,13 +20,13 @@ from tests.gateway.test_http_more import (
     RawResponse,
     closed_by_peer,
     echo_of,
-    eventually,
     raw_connection,
     read_response,
     request,
 )
 from tests.support.net import TcpServer, drain_forever
 from tests.support.origin import Origin, pattern_sha256
+from tests.support.waiting import eventually
 
 LISTEN = '[gateway]\nlisten = ["127.0.0.1:0"]\n'
 BODY = b"plain answer\n"

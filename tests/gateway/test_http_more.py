@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
@@ -122,18 +122,6 @@ async def stays_open(reader: asyncio.StreamReader, seconds: float = 0.2) -> bool
     except TimeoutError:
         return True
     return False
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = TIMEOUT
-) -> None:
-    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"not within {timeout:g}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def request(

@@ -17,7 +17,6 @@ from tests.gateway.test_http_more import (
     authority,
     closed_by_peer,
     echo_of,
-    eventually,
     raw_connection,
     read_head,
     read_response,
@@ -26,6 +25,7 @@ from tests.gateway.test_http_more import (
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import reset
 from tests.support.origin import EchoServer, Origin, trailer
+from tests.support.waiting import eventually
 
 
 async def held(gateway: Gateway, pool: str = "default") -> int:

@@ -97,6 +97,7 @@ async def test_large_transfers_both_ways_arrive_whole(rig: Rig) -> None:
     assert results[3] == hashlib.sha256(down).hexdigest()
     result = await task
     assert (result.sent, result.received, result.end) == (len(up), len(down), RelayEnd.CLOSED)
+    assert not result.upstream_broke
 
 
 async def test_half_close_keeps_the_other_direction_open(rig: Rig) -> None:
@@ -134,16 +135,31 @@ async def test_an_idle_tunnel_is_closed(rig: Rig) -> None:
     assert await rig.client_reader.read() == b""
 
 
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a RST instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 async def test_a_reset_is_passed_on_as_a_reset(rig: Rig) -> None:
     task = start_relay(rig)
     rig.client_writer.write(b"hello")
     assert await rig.far_reader.readexactly(5) == b"hello"
-    sock = rig.far_writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
-    rig.far_writer.transport.abort()
-    assert (await asyncio.wait_for(task, 5.0)).end is RelayEnd.LOST
+    reset(rig.far_writer)
+    result = await asyncio.wait_for(task, 5.0)
+    assert (result.end, result.upstream_broke) == (RelayEnd.LOST, True)
     with pytest.raises(ConnectionResetError):
         await rig.client_reader.read()
+
+
+async def test_a_client_that_resets_is_not_the_upstreams_doing(rig: Rig) -> None:
+    task = start_relay(rig)
+    rig.far_writer.write(b"hello")
+    assert await rig.client_reader.readexactly(5) == b"hello"
+    reset(rig.client_writer)
+    result = await asyncio.wait_for(task, 5.0)
+    assert (result.end, result.upstream_broke) == (RelayEnd.LOST, False)
 
 
 async def test_a_slow_reader_pauses_the_fast_writer(rig: Rig) -> None:

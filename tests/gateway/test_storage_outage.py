@@ -19,10 +19,10 @@ from gateway.app import Gateway
 from tests.gateway.conftest import leases_held
 from tests.gateway.outage import STORAGE_DOWN, answers, echoes, open_tunnel, serves_again
 from tests.gateway.test_http_e2e import pool_toml
-from tests.gateway.test_http_more import eventually
 from tests.storage.flaky import FlakyStorage, flaky
 from tests.support.fixtures import FakeHttpProxyFactory
 from tests.support.origin import EchoServer, Origin
+from tests.support.waiting import eventually
 
 
 @pytest.fixture

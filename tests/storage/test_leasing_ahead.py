@@ -18,9 +18,9 @@ from core.models import Lease, LeaseRequest, Pool
 from core.storage.sql import SQLStorage, ahead
 from core.storage.sql import fast as fast_paths
 from tests.core.conftest import make_pool
-from tests.gateway.test_http_more import eventually
 from tests.storage.scratch import POSTGRES_URL, ScratchPostgres, open_scratch_postgres
 from tests.storage.test_batched_leasing import NOW, warm
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
