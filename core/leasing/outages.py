@@ -60,8 +60,9 @@ class Outages:
         if self._down_since is not None:
             log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
             self._down_since = None
-        # A storage that counts its lost contacts tells of outages only calls that were not
-        # the manager's own met (an acquire failing on the request path, between two sweeps).
+        # The storage's count of calls that found the database gone tells of outages that
+        # only calls other than the manager's own met (an acquire failing on the request
+        # path, between two sweeps).
         losses = self._storage.contact_losses
         if outage or losses != self._contact_losses:
             self._contact_losses = losses
