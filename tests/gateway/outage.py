@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
-from tests.gateway.test_http_e2e import fetch
 from tests.support.origin import EchoServer, Origin
+from tests.support.proxying import fetch
 
 __all__ = [
     "STORAGE_DOWN",

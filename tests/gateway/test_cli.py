@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.gateway.test_http_e2e import fetch
 from tests.support.net import free_port
 from tests.support.origin import Origin
+from tests.support.proxying import fetch
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "TopSecret9"

@@ -16,9 +16,9 @@ import pytest
 from gateway.app import Gateway
 from tests.conftest import skip_or_fail
 from tests.gateway.conftest import StartGateway, proxy_url
-from tests.gateway.test_http_e2e import pool_toml
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.origin import Origin, TlsMaterial, pattern
+from tests.support.proxying import pool_toml
 
 #: Proxy settings of the environment must not steer (or bypass) the clients under test.
 _PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}

@@ -14,11 +14,11 @@ from gateway.app import Gateway
 from gateway.checkers import HandshakeCheck, TcpConnectCheck
 from gateway.forwarding import REBOUND_HEADER
 from tests.gateway.conftest import StartGateway, proxy_url
-from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import closed_port
 from tests.support.origin import Origin
+from tests.support.proxying import fetch, pool_toml
 from tests.support.waiting import eventually
 
 REBOUND = REBOUND_HEADER.decode()

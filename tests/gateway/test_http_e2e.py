@@ -15,30 +15,7 @@ from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
 from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import closed_port
 from tests.support.origin import Origin, TlsMaterial, pattern, pattern_sha256
-
-
-def pool_toml(*urls: str, name: str = "default", extra: str = "") -> str:
-    proxies = ", ".join(json.dumps(url) for url in urls)
-    return f'\n[[pools]]\nname = "{name}"\nproxies = [{proxies}]\n{extra}\n'
-
-
-async def fetch(
-    url: str,
-    proxy: str,
-    *,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    data: bytes | io.BytesIO | None = None,
-    session: aiohttp.ClientSession | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    own = session is None
-    session = session or aiohttp.ClientSession()
-    try:
-        async with session.request(method, url, proxy=proxy, headers=headers, data=data) as r:
-            return r.status, dict(r.headers), await r.read()
-    finally:
-        if own:
-            await session.close()
+from tests.support.proxying import fetch, pool_toml
 
 
 async def test_a_plain_request_through_direct(start_gateway: StartGateway, origin: Origin) -> None:

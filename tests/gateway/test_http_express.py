@@ -15,8 +15,10 @@ import pytest
 from gateway.app import Gateway
 from gateway.exchange import Exchange
 from tests.gateway.conftest import StartGateway, leases_held
-from tests.gateway.test_http_e2e import pool_toml
-from tests.gateway.test_http_more import (
+from tests.support.net import TcpServer, drain_forever
+from tests.support.origin import Origin, pattern_sha256
+from tests.support.proxying import pool_toml
+from tests.support.raw_http import (
     RawResponse,
     closed_by_peer,
     echo_of,
@@ -24,8 +26,6 @@ from tests.gateway.test_http_more import (
     read_response,
     request,
 )
-from tests.support.net import TcpServer, drain_forever
-from tests.support.origin import Origin, pattern_sha256
 from tests.support.waiting import eventually
 
 LISTEN = '[gateway]\nlisten = ["127.0.0.1:0"]\n'

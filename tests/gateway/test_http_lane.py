@@ -14,8 +14,9 @@ import pytest
 from gateway.app import Gateway
 from loadtest.fleet import SimUpstream
 from tests.gateway.conftest import StartGateway, leases_held
-from tests.gateway.test_http_e2e import pool_toml
-from tests.gateway.test_http_more import (
+from tests.support.origin import EchoServer, Origin, pattern
+from tests.support.proxying import pool_toml
+from tests.support.raw_http import (
     closed_by_peer,
     echo_of,
     raw_connection,
@@ -24,7 +25,6 @@ from tests.gateway.test_http_more import (
     request,
     stays_open,
 )
-from tests.support.origin import EchoServer, Origin, pattern
 
 LISTEN = '[gateway]\nlisten = ["127.0.0.1:0"]\n'
 

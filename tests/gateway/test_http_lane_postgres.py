@@ -19,12 +19,12 @@ from loadtest.fleet import SimUpstream
 from loadtest.scratch_storage import scratch_storage
 from tests.conftest import skip_or_fail
 from tests.gateway.conftest import StartGateway, leases_held
-from tests.gateway.test_http_e2e import pool_toml
 from tests.gateway.test_http_lane import get, served, sim_upstreams
-from tests.gateway.test_http_more import raw_connection, read_response
 from tests.gateway.test_postgres_restart import books
 from tests.storage.scratch import POSTGRES_URL, postgres_unavailable
 from tests.support.origin import Origin
+from tests.support.proxying import pool_toml
+from tests.support.raw_http import raw_connection, read_response
 from tests.support.waiting import eventually
 
 __all__ = ["sim_upstreams"]

@@ -21,9 +21,9 @@ from core.models import Upstream
 from gateway.app import Gateway
 from loadtest.fleet import SimUpstream
 from tests.gateway.conftest import StartGateway, proxy_url
-from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.support.fixtures import DebianProxyFactory, FakeHttpProxyFactory
 from tests.support.origin import Origin
+from tests.support.proxying import fetch, pool_toml
 
 CONNECT_MODE = '[gateway]\nlisten = ["127.0.0.1:0"]\nhttp_upstream_mode = "connect"\n'
 PASSWORD = "s3cret-upstream"

@@ -14,10 +14,10 @@ from core.models import Upstream
 from gateway.app import Gateway
 from loadtest.fleet import SimUpstream
 from tests.gateway.conftest import StartGateway, proxy_url
-from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.support.fixtures import FakeHttpProxyFactory
 from tests.support.net import TcpServer
 from tests.support.origin import Origin
+from tests.support.proxying import fetch, pool_toml
 
 LISTEN = '[gateway]\nlisten = ["127.0.0.1:0"]\n'
 

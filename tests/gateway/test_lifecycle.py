@@ -11,8 +11,11 @@ import pytest
 
 from gateway.app import Gateway
 from tests.gateway.conftest import StartGateway, leases_held
-from tests.gateway.test_http_e2e import pool_toml
-from tests.gateway.test_http_more import (
+from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
+from tests.support.net import reset
+from tests.support.origin import EchoServer, Origin, trailer
+from tests.support.proxying import pool_toml
+from tests.support.raw_http import (
     TIMEOUT,
     authority,
     closed_by_peer,
@@ -22,9 +25,6 @@ from tests.gateway.test_http_more import (
     read_response,
     request,
 )
-from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
-from tests.support.net import reset
-from tests.support.origin import EchoServer, Origin, trailer
 from tests.support.waiting import eventually
 
 

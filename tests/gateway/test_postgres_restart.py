@@ -17,10 +17,10 @@ import pytest
 from config import load_settings
 from gateway.app import Gateway
 from tests.gateway.outage import STORAGE_DOWN, answers, echoes, open_tunnel, serves_again
-from tests.gateway.test_http_e2e import fetch, pool_toml
 from tests.storage.private_postgres import PrivatePostgres, upgraded_private_postgres
 from tests.support.fixtures import FakeHttpProxyFactory
 from tests.support.origin import EchoServer, Origin
+from tests.support.proxying import fetch, pool_toml
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow

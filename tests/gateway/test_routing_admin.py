@@ -15,19 +15,19 @@ from core.clock import ManualClock
 from core.models import Upstream
 from gateway.app import Gateway
 from tests.gateway.conftest import StartGateway, leases_held, proxy_url
-from tests.gateway.test_http_e2e import fetch, pool_toml
-from tests.gateway.test_http_more import (
+from tests.gateway.test_socks_e2e import echo_round_trip
+from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
+from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
+from tests.support.net import closed_port
+from tests.support.origin import EchoServer, Origin, trailer
+from tests.support.proxying import fetch, pool_toml
+from tests.support.raw_http import (
     authority,
     raw_connection,
     read_head,
     read_response,
     request,
 )
-from tests.gateway.test_socks_e2e import echo_round_trip
-from tests.support.fake_upstreams import FakeHttpProxy, FakeSocks5Proxy
-from tests.support.fixtures import FakeHttpProxyFactory, FakeSocks5ProxyFactory
-from tests.support.net import closed_port
-from tests.support.origin import EchoServer, Origin, trailer
 
 
 async def peer_of_request(

@@ -12,10 +12,10 @@ from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 
 from tests.gateway.conftest import StartGateway, proxy_url
-from tests.gateway.test_http_e2e import pool_toml
 from tests.support.fixtures import DebianProxyFactory, FakeSocks5ProxyFactory
 from tests.support.net import closed_port
 from tests.support.origin import EchoServer, Origin, trailer
+from tests.support.proxying import pool_toml
 
 
 async def open_via(

@@ -27,10 +27,10 @@ from tests.gateway.test_cli import (
     assert_one_clean_line,
     run_main,
 )
-from tests.gateway.test_http_e2e import fetch
 from tests.storage.scratch import POSTGRES_URL, drop_schema, make_schema, postgres_unavailable
 from tests.support.net import closed_port
 from tests.support.origin import Origin
+from tests.support.proxying import fetch
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "TopSecret9"

@@ -18,10 +18,10 @@ from core.storage.memory import MemoryStorage
 from gateway.app import Gateway
 from tests.gateway.conftest import leases_held
 from tests.gateway.outage import STORAGE_DOWN, answers, echoes, open_tunnel, serves_again
-from tests.gateway.test_http_e2e import pool_toml
 from tests.storage.flaky import FlakyStorage, flaky
 from tests.support.fixtures import FakeHttpProxyFactory
 from tests.support.origin import EchoServer, Origin
+from tests.support.proxying import pool_toml
 from tests.support.waiting import eventually
 
 
