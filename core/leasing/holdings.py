@@ -198,30 +198,29 @@ class Holdings:
     def ended(self, lease: Lease) -> bool:
         """The lease is being released: forgotten here (any write kept for it included).
         True when other processes had taken it back meanwhile (nothing of ours to release)."""
-        lease_id = lease.id
-        self._session_users.pop(lease_id, None)
-        self._unbound.discard(lease_id)
-        self._in_use.pop(lease_id, None)
-        self.backlog.forget(lease_id)
-        if lease_id in self._lost:
-            self._lost.discard(lease_id)
+        self._forget(lease.id)
+        self._unbound.discard(lease.id)
+        if lease.id in self._lost:
+            self._lost.discard(lease.id)
             return True
         return False
 
     def expired(self, lease: Lease) -> None:
         """The storage ended the lease (its time was up)."""
-        self._session_users.pop(lease.id, None)
-        self._in_use.pop(lease.id, None)
-        self.backlog.forget(lease.id)
+        self._forget(lease.id)
 
     def lose(self, lease_ids: list[str]) -> None:
         """Other processes took these leases back while the storage was out of reach."""
         for lease_id in lease_ids:
-            del self._in_use[lease_id]
-            self._session_users.pop(lease_id, None)
+            self._forget(lease_id)
             self._unbound.discard(lease_id)
-            self.backlog.forget(lease_id)
             self._lost.add(lease_id)
+
+    def _forget(self, lease_id: str) -> None:
+        """Neither in use nor owed a write here any more."""
+        self._session_users.pop(lease_id, None)
+        self._in_use.pop(lease_id, None)
+        self.backlog.forget(lease_id)
 
     def in_use(self) -> list[str]:
         return list(self._in_use)

@@ -56,15 +56,14 @@ class Outages:
     async def answered(self, started: float) -> None:
         """A sweep went through: end an outage, and after a long silence check which of the
         leases in use here are still ours."""
-        outage = self._down_since is not None
-        if self._down_since is not None:
-            log.info("storage answers again after %.1fs", time.monotonic() - self._down_since)
-            self._down_since = None
+        down_since, self._down_since = self._down_since, None
+        if down_since is not None:
+            log.info("storage answers again after %.1fs", time.monotonic() - down_since)
         # The storage's count of calls that found the database gone tells of outages that
         # only calls other than the manager's own met (an acquire failing on the request
         # path, between two sweeps).
         losses = self._storage.contact_losses
-        if outage or losses != self._contact_losses:
+        if down_since is not None or losses != self._contact_losses:
             self._contact_losses = losses
             # Anything granted until now may have lost its answer on the way.
             self._unanswered.outage_noticed(self._holdings.clock.now())
